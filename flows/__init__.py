@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers over :mod:`sbipipe` (filled in by the service issue)."""

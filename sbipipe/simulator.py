@@ -1,0 +1,253 @@
+r"""The simulator contract.
+
+A simulator is any object with
+
+* ``parameter_names`` — a sequence of ``D`` names,
+* ``prior`` — a :class:`torch.distributions.Distribution` with event shape ``[D]``,
+* ``simulate(theta, generator=None)`` — ``[B, D] -> [B, *observation_shape]``, batched and
+  vectorised, bit-identical for the same generator seed on CPU.
+
+Everything else has a default in :class:`Simulator`: ``name``, ``version`` (bump it when the
+physics changes; it is part of every cache key), ``parameter_labels``, ``parameter_units``,
+``observation_shape`` (inferred from one simulation), ``validate_observation`` and
+``check_theta``. A simulator with a tractable likelihood also defines
+``log_likelihood(theta, x) -> [B]``.
+
+Objects that do not subclass :class:`Simulator` are wrapped by :func:`as_simulator`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from .errors import SbipipeError
+
+__all__ = ["Simulator", "as_simulator", "describe_distribution", "has_likelihood", "sample_prior"]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Simulator:
+    """Base class with the contract's defaults. Subclasses set ``parameter_names``, ``prior``
+    and implement ``simulate``."""
+
+    name: str = ""
+    version: str = "1"
+    parameter_names: Sequence[str] = ()
+    prior: Distribution
+
+    def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    # -- defaults -----------------------------------------------------------------------
+    @property
+    def parameter_labels(self) -> list[str]:
+        return list(self.parameter_names)
+
+    @property
+    def parameter_units(self) -> list[str]:
+        return [""] * len(self.parameter_names)
+
+    @property
+    def dim(self) -> int:
+        return len(self.parameter_names)
+
+    @property
+    def observation_shape(self) -> tuple[int, ...]:
+        cached = self.__dict__.get("_observation_shape")
+        if cached is None:
+            theta = sample_prior(self, 1, torch.Generator().manual_seed(0))
+            x = self.simulate(theta, torch.Generator().manual_seed(0))
+            cached = tuple(int(s) for s in x.shape[1:])
+            self.__dict__["_observation_shape"] = cached
+        return cached
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` prior draws ``[n, D]``; reproducible for a seeded ``generator``.
+
+        ``torch.distributions`` take no generator, so the draw runs on a forked global RNG
+        seeded from ``generator``. Subclasses may override with a generator-native sampler.
+        """
+        if generator is None:
+            return self.prior.sample((n,)).to(torch.float32)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.prior.sample((n,)).to(torch.float32)
+
+    def check_theta(self, theta: Any) -> Tensor:
+        """Return ``theta`` as float32 ``[B, D]``; raise if the shape is wrong, a value is not
+        finite, or a value lies outside the prior's support (naming the parameter)."""
+        theta = torch.as_tensor(theta, dtype=torch.float32)
+        if theta.ndim == 1:
+            theta = theta.unsqueeze(0)
+        d = self.dim
+        if theta.ndim != 2 or theta.shape[1] != d:
+            raise SbipipeError(
+                f"{self.name}: expected theta of shape [B, {d}] for parameters "
+                f"{list(self.parameter_names)}, got {list(theta.shape)}"
+            )
+        bad = ~torch.isfinite(theta)
+        support = self.prior.support
+        base = getattr(support, "base_constraint", support)
+        try:
+            inside = base.check(theta)
+            if inside.shape == theta.shape:
+                bad |= ~inside
+            else:  # a constraint on whole vectors (e.g. simplex): check rows only
+                bad |= ~support.check(theta).reshape(-1, 1).expand_as(theta)
+        except (NotImplementedError, RuntimeError):
+            bad |= ~torch.isfinite(self.prior.log_prob(theta)).reshape(-1, 1).expand_as(theta)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise SbipipeError(
+                f"{self.name}: parameter {self.parameter_names[col]!r} = {theta[row, col].item():.6g} "
+                f"(row {row}) is outside the prior support {_describe_support(base, col)}; "
+                "give values inside the prior"
+            )
+        return theta
+
+    def validate_observation(self, x: Any) -> Tensor:
+        """Return ``x`` as float32 ``[M, *observation_shape]`` (a single observation gets
+        ``M = 1``); raise a clear error for a wrong shape, dtype, NaN or inf."""
+        if isinstance(x, np.ndarray):
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise SbipipeError(
+                    f"{self.name}: expected a real-valued observation, got dtype {x.dtype}"
+                )
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        x = torch.as_tensor(x)
+        if x.is_complex() or x.dtype == torch.bool:
+            raise SbipipeError(f"{self.name}: expected a real-valued observation, got dtype {x.dtype}")
+        x = x.to(torch.float32)
+        shape = self.observation_shape
+        if tuple(x.shape) == shape:
+            x = x.unsqueeze(0)
+        elif tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
+            raise SbipipeError(
+                f"{self.name}: expected an observation of shape {list(shape)} "
+                f"(or a stack [M, {', '.join(map(str, shape))}]), got {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise SbipipeError(f"{self.name}: the observation stack is empty")
+        if not torch.isfinite(x).all():
+            n_bad = int((~torch.isfinite(x)).sum())
+            raise SbipipeError(
+                f"{self.name}: the observation holds {n_bad} NaN/inf value(s); "
+                "mask or remove them before inference"
+            )
+        return x
+
+    def describe_prior(self) -> str:
+        return describe_distribution(self.prior)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} v{self.version}>"
+
+
+class _Wrapped(Simulator):
+    """A duck-typed simulator with the base class's defaults filled in."""
+
+    def __init__(self, obj: Any, name: str):
+        self._obj = obj
+        self.name = getattr(obj, "name", None) or name
+        self.version = str(getattr(obj, "version", "1"))
+        self.parameter_names = list(obj.parameter_names)
+        self.prior = obj.prior
+
+    def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self._obj.simulate(theta, generator)
+
+    def __getattr__(self, item: str) -> Any:  # log_likelihood, labels, units, ...
+        if item.startswith("__") or item == "_obj":
+            raise AttributeError(item)
+        return getattr(self._obj, item)
+
+    @property
+    def parameter_labels(self) -> list[str]:
+        return list(getattr(self._obj, "parameter_labels", self.parameter_names))
+
+    @property
+    def parameter_units(self) -> list[str]:
+        return list(getattr(self._obj, "parameter_units", [""] * len(self.parameter_names)))
+
+    @property
+    def observation_shape(self) -> tuple[int, ...]:
+        shape = getattr(self._obj, "observation_shape", None)
+        return tuple(shape) if shape is not None else Simulator.observation_shape.fget(self)
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        own = getattr(self._obj, "sample_prior", None)
+        return own(n, generator) if callable(own) else Simulator.sample_prior(self, n, generator)
+
+
+def as_simulator(obj: Any, name: str = "") -> Simulator:
+    """Check ``obj`` against the contract and give it the defaults of :class:`Simulator`."""
+    missing = [a for a in ("parameter_names", "prior", "simulate") if not hasattr(obj, a)]
+    if missing:
+        raise SbipipeError(
+            f"{name or type(obj).__name__} is not a simulator: it lacks {', '.join(missing)} "
+            "(a simulator needs parameter_names, prior and simulate(theta, generator))"
+        )
+    if not isinstance(obj.prior, Distribution):
+        raise SbipipeError(
+            f"{name or type(obj).__name__}: prior must be a torch.distributions.Distribution, "
+            f"got {type(obj.prior).__name__}"
+        )
+    d = len(obj.parameter_names)
+    if tuple(obj.prior.event_shape) != (d,):
+        raise SbipipeError(
+            f"{name or type(obj).__name__}: prior event shape {list(obj.prior.event_shape)} does not "
+            f"match the {d} parameter names {list(obj.parameter_names)}"
+        )
+    if isinstance(obj, Simulator):
+        if not obj.name:
+            obj.name = name or _snake(type(obj).__name__)
+        return obj
+    return _Wrapped(obj, name or _snake(type(obj).__name__))
+
+
+def has_likelihood(simulator: Any) -> bool:
+    """Whether the simulator provides an exact ``log_likelihood(theta, x)``."""
+    return callable(getattr(simulator, "log_likelihood", None))
+
+
+def sample_prior(simulator: Any, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Prior draws through the simulator's own sampler (see :meth:`Simulator.sample_prior`)."""
+    return as_simulator(simulator).sample_prior(n, generator)
+
+
+def _describe_support(constraint: Any, col: int) -> str:
+    lo, hi = getattr(constraint, "lower_bound", None), getattr(constraint, "upper_bound", None)
+    pick = lambda b: float(b.reshape(-1)[col] if torch.is_tensor(b) and b.numel() > 1 else b)  # noqa: E731
+    if lo is not None and hi is not None:
+        return f"[{pick(lo):g}, {pick(hi):g}]"
+    if lo is not None:
+        return f"[{pick(lo):g}, inf)"
+    if hi is not None:
+        return f"(-inf, {pick(hi):g}]"
+    return str(constraint)
+
+
+def describe_distribution(dist: Distribution) -> str:
+    """A short human-readable description of a prior, e.g. ``Uniform([-1, -1], [1, 1])``."""
+    inner = dist
+    while hasattr(inner, "base_dist"):
+        inner = inner.base_dist
+    fmt = lambda t: "[" + ", ".join(f"{v:g}" for v in t.reshape(-1).tolist()) + "]"  # noqa: E731
+    if isinstance(inner, torch.distributions.Uniform):
+        return f"Uniform(low={fmt(inner.low)}, high={fmt(inner.high)})"
+    if isinstance(inner, torch.distributions.Normal):
+        return f"Normal(loc={fmt(inner.loc)}, scale={fmt(inner.scale)})"
+    if isinstance(inner, torch.distributions.MultivariateNormal):
+        return f"MultivariateNormal(loc={fmt(inner.loc)}, diag(cov)={fmt(torch.diagonal(inner.covariance_matrix))})"
+    return repr(dist)

@@ -1,0 +1,13 @@
+"""Physics simulators: pure batched PyTorch, one module per family.
+
+``BUILTIN`` maps each short name to the import path of its class; the registry in
+:mod:`sbipipe.registry` reads it lazily so that importing one family never imports another.
+"""
+
+BUILTIN: dict[str, str] = {
+    "two_moons": "simulators.benchmarks:TwoMoons",
+    "gaussian_linear": "simulators.benchmarks:GaussianLinear",
+    "slcp": "simulators.benchmarks:SLCP",
+}
+
+__all__ = ["BUILTIN"]
