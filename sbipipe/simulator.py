@@ -239,15 +239,25 @@ def _describe_support(constraint: Any, col: int) -> str:
 
 
 def describe_distribution(dist: Distribution) -> str:
-    """A short human-readable description of a prior, e.g. ``Uniform([-1, -1], [1, 1])``."""
+    """A short description of a prior, e.g. ``Uniform(-1, 1)^2`` or ``Normal(0, [0.1, 0.2])``."""
     inner = dist
     while hasattr(inner, "base_dist"):
         inner = inner.base_dist
-    fmt = lambda t: "[" + ", ".join(f"{v:g}" for v in t.reshape(-1).tolist()) + "]"  # noqa: E731
+
+    def fmt(t: Tensor) -> str:
+        v = t.reshape(-1)
+        if v.numel() and bool((v == v[0]).all()):
+            return f"{v[0].item():.4g}"
+        return "[" + ", ".join(f"{x:.4g}" for x in v.tolist()) + "]"
+
+    d = int(dist.event_shape[0]) if len(dist.event_shape) else 1
+    power = f"^{d}" if d > 1 else ""
     if isinstance(inner, torch.distributions.Uniform):
-        return f"Uniform(low={fmt(inner.low)}, high={fmt(inner.high)})"
+        lo, hi = fmt(inner.low), fmt(inner.high)
+        return f"Uniform({lo}, {hi}){power if '[' not in lo + hi else ''}"
     if isinstance(inner, torch.distributions.Normal):
-        return f"Normal(loc={fmt(inner.loc)}, scale={fmt(inner.scale)})"
+        loc, scale = fmt(inner.loc), fmt(inner.scale)
+        return f"Normal({loc}, {scale}){power if '[' not in loc + scale else ''}"
     if isinstance(inner, torch.distributions.MultivariateNormal):
         return f"MultivariateNormal(loc={fmt(inner.loc)}, diag(cov)={fmt(torch.diagonal(inner.covariance_matrix))})"
-    return repr(dist)
+    return type(dist).__name__
