@@ -8,6 +8,8 @@ BUILTIN: dict[str, str] = {
     "two_moons": "simulators.benchmarks:TwoMoons",
     "gaussian_linear": "simulators.benchmarks:GaussianLinear",
     "slcp": "simulators.benchmarks:SLCP",
+    "cosmo_gaussian": "simulators.cosmology:CosmoGaussian",
+    "cosmo_lognormal": "simulators.cosmology:CosmoLognormal",
 }
 
 __all__ = ["BUILTIN"]
