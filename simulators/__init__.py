@@ -10,6 +10,9 @@ BUILTIN: dict[str, str] = {
     "slcp": "simulators.benchmarks:SLCP",
     "cosmo_gaussian": "simulators.cosmology:CosmoGaussian",
     "cosmo_lognormal": "simulators.cosmology:CosmoLognormal",
+    "dwarf": "simulators.dwarfs:Dwarf",
+    "dwarf_cored": "simulators.dwarfs:DwarfCored",
+    "dwarf_cusp": "simulators.dwarfs:DwarfCusp",
 }
 
 __all__ = ["BUILTIN"]
