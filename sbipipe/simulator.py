@@ -260,4 +260,6 @@ def describe_distribution(dist: Distribution) -> str:
         return f"Normal({loc}, {scale}){power if '[' not in loc + scale else ''}"
     if isinstance(inner, torch.distributions.MultivariateNormal):
         return f"MultivariateNormal(loc={fmt(inner.loc)}, diag(cov)={fmt(torch.diagonal(inner.covariance_matrix))})"
+    if type(dist).__repr__ is not Distribution.__repr__:  # the prior describes itself
+        return repr(dist)
     return type(dist).__name__

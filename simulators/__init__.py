@@ -10,6 +10,8 @@ BUILTIN: dict[str, str] = {
     "slcp": "simulators.benchmarks:SLCP",
     "cosmo_gaussian": "simulators.cosmology:CosmoGaussian",
     "cosmo_lognormal": "simulators.cosmology:CosmoLognormal",
+    "lens_sie": "simulators.lensing:LensSIE",
+    "lens_sie_shear": "simulators.lensing:LensSIEShear",
     "dwarf": "simulators.dwarfs:Dwarf",
     "dwarf_cored": "simulators.dwarfs:DwarfCored",
     "dwarf_cusp": "simulators.dwarfs:DwarfCusp",
