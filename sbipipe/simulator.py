@@ -29,7 +29,7 @@ from torch.distributions import Distribution
 
 from .errors import SbipipeError
 
-__all__ = ["Simulator", "as_simulator", "describe_distribution", "has_likelihood", "sample_prior"]
+__all__ = ["Simulator", "as_simulator", "check_observation", "describe_distribution", "has_likelihood", "sample_prior"]
 
 
 def _snake(name: str) -> str:
@@ -119,33 +119,7 @@ class Simulator:
     def validate_observation(self, x: Any) -> Tensor:
         """Return ``x`` as float32 ``[M, *observation_shape]`` (a single observation gets
         ``M = 1``); raise a clear error for a wrong shape, dtype, NaN or inf."""
-        if isinstance(x, np.ndarray):
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-                raise SbipipeError(
-                    f"{self.name}: expected a real-valued observation, got dtype {x.dtype}"
-                )
-            x = torch.from_numpy(np.ascontiguousarray(x))
-        x = torch.as_tensor(x)
-        if x.is_complex() or x.dtype == torch.bool:
-            raise SbipipeError(f"{self.name}: expected a real-valued observation, got dtype {x.dtype}")
-        x = x.to(torch.float32)
-        shape = self.observation_shape
-        if tuple(x.shape) == shape:
-            x = x.unsqueeze(0)
-        elif tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
-            raise SbipipeError(
-                f"{self.name}: expected an observation of shape {list(shape)} "
-                f"(or a stack [M, {', '.join(map(str, shape))}]), got {list(x.shape)}"
-            )
-        if x.shape[0] == 0:
-            raise SbipipeError(f"{self.name}: the observation stack is empty")
-        if not torch.isfinite(x).all():
-            n_bad = int((~torch.isfinite(x)).sum())
-            raise SbipipeError(
-                f"{self.name}: the observation holds {n_bad} NaN/inf value(s); "
-                "mask or remove them before inference"
-            )
-        return x
+        return check_observation(x, self.observation_shape, self.name)
 
     def describe_prior(self) -> str:
         return describe_distribution(self.prior)
@@ -214,6 +188,34 @@ def as_simulator(obj: Any, name: str = "") -> Simulator:
             obj.name = name or _snake(type(obj).__name__)
         return obj
     return _Wrapped(obj, name or _snake(type(obj).__name__))
+
+
+def check_observation(x: Any, shape: tuple[int, ...], name: str) -> Tensor:
+    """``x`` as float32 ``[M, *shape]``; a clear error for a wrong shape, dtype, NaN or inf."""
+    if isinstance(x, np.ndarray):
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise SbipipeError(f"{name}: expected a real-valued observation, got dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    x = torch.as_tensor(x)
+    if x.is_complex() or x.dtype == torch.bool:
+        raise SbipipeError(f"{name}: expected a real-valued observation, got dtype {x.dtype}")
+    x = x.to(torch.float32)
+    shape = tuple(shape)
+    if tuple(x.shape) == shape:
+        x = x.unsqueeze(0)
+    elif tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
+        raise SbipipeError(
+            f"{name}: expected an observation of shape {list(shape)} "
+            f"(or a stack [M, {', '.join(map(str, shape))}]), got {list(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise SbipipeError(f"{name}: the observation stack is empty")
+    if not torch.isfinite(x).all():
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise SbipipeError(
+            f"{name}: the observation holds {n_bad} NaN/inf value(s); mask or remove them before inference"
+        )
+    return x
 
 
 def has_likelihood(simulator: Any) -> bool:

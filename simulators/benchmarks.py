@@ -7,6 +7,7 @@ r"""Benchmark tasks of the SBI benchmark (Lueckmann et al. 2021, sbibm), defined
   s1 = θ3², s2 = θ4², ρ = tanh θ5, S = [[s1², ρ s1 s2], [ρ s1 s2, s2²]] + 10⁻⁶ I.
 
 Every task has an exact ``log_likelihood(theta, x) -> [B]`` (broadcast over θ and x batches).
+All run on the device of their inputs (convention in :mod:`simulators`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, Uniform
 
-from sbipipe.simulator import Simulator
+from ._device import DeviceSimulator, draw_device, rand, randn
 
 __all__ = ["GaussianLinear", "SLCP", "TwoMoons"]
 
 
-class _BoxPrior(Simulator):
+class _BoxPrior(DeviceSimulator):
     """A simulator whose prior is a box U[low, high]^D, sampled natively with a generator."""
 
     low: float
@@ -33,7 +34,7 @@ class _BoxPrior(Simulator):
         self.prior = Independent(Uniform(torch.full((d,), self.low), torch.full((d,), self.high)), 1)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(n, len(self.parameter_names), generator=generator)
+        u = torch.rand(n, len(self.parameter_names), generator=generator, device=draw_device(generator))
         return self.low + (self.high - self.low) * u
 
 
@@ -44,9 +45,9 @@ class TwoMoons(_BoxPrior):
     low, high = -1.0, 1.0
 
     def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        n = theta.shape[0]
-        a = math.pi * (torch.rand(n, generator=generator) - 0.5)
-        r = 0.1 + 0.01 * torch.randn(n, generator=generator)
+        n, dev = theta.shape[0], theta.device
+        a = math.pi * (rand(n, generator=generator, device=dev) - 0.5)
+        r = 0.1 + 0.01 * randn(n, generator=generator, device=dev)
         return torch.stack(_moons_offset(theta, r * torch.cos(a) + 0.25, r * torch.sin(a)), dim=-1)
 
     def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
@@ -65,7 +66,7 @@ def _moons_offset(theta: Tensor, p0: Tensor, p1: Tensor) -> tuple[Tensor, Tensor
     return p0 - (theta[:, 0] + theta[:, 1]).abs() * s, p1 + (theta[:, 1] - theta[:, 0]) * s
 
 
-class GaussianLinear(Simulator):
+class GaussianLinear(DeviceSimulator):
     name = "gaussian_linear"
     version = "1"
     parameter_names = tuple(f"theta{i + 1}" for i in range(10))
@@ -76,10 +77,10 @@ class GaussianLinear(Simulator):
         self.prior = Independent(Normal(torch.zeros(10), torch.full((10,), self.prior_scale)), 1)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.prior_scale * torch.randn(n, 10, generator=generator)
+        return self.prior_scale * torch.randn(n, 10, generator=generator, device=draw_device(generator))
 
     def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return theta + self.noise_scale * torch.randn(theta.shape, generator=generator)
+        return theta + self.noise_scale * randn(theta.shape, generator=generator, device=theta.device)
 
     def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
         return Independent(Normal(theta, self.noise_scale), 1).log_prob(x)
@@ -88,7 +89,7 @@ class GaussianLinear(Simulator):
         """The analytic posterior N(x/2, 0.05·I) for one observation ``x [10]``."""
         var = 1 / (1 / self.prior_scale**2 + 1 / self.noise_scale**2)
         mean = var * x / self.noise_scale**2
-        return MultivariateNormal(mean, var * torch.eye(10))
+        return MultivariateNormal(mean, var * torch.eye(10, device=mean.device))
 
 
 class SLCP(_BoxPrior):
@@ -109,7 +110,7 @@ class SLCP(_BoxPrior):
     def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
         m, cov = self._mean_cov(theta)
         chol = torch.linalg.cholesky(cov)  # [B, 2, 2]
-        z = torch.randn(theta.shape[0], self.n_draws, 2, generator=generator)
+        z = randn(theta.shape[0], self.n_draws, 2, generator=generator, device=theta.device)
         x = m.unsqueeze(1) + torch.einsum("bij,bkj->bki", chol, z)
         return x.reshape(theta.shape[0], 2 * self.n_draws)
 

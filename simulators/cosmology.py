@@ -34,6 +34,10 @@ With ``mean_density="ensemble"`` the lognormal field is instead ``e^{g − σ_g�
 written in most papers; its mean is then not zero and ``⟨log(1 + δ)⟩ = −σ_g²/2`` pins σ_g²(θ)
 exactly, so no proper density exists: ``log_likelihood`` then returns the (exact) likelihood of
 the statistic ``P⊥ log(1 + δ)`` plus the same Jacobian term, which ignores that one number.
+
+Devices (convention in :mod:`simulators`): the functions and simulators run on the device of
+their inputs; the ln k quadrature rule and the simulators' k-grid tables are copied there once
+and cached per device.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, Uniform
 
-from sbipipe.simulator import Simulator
+from ._device import DeviceCache, DeviceSimulator, draw_device, randn
 
 __all__ = [
     "CosmoGaussian",
@@ -111,6 +115,12 @@ def _simpson_weights(n: int, dx: float) -> Tensor:
 
 _LNK = torch.linspace(*_LOG_K_RANGE, _N_QUAD, dtype=torch.float64)
 _QW = _simpson_weights(_N_QUAD, (_LOG_K_RANGE[1] - _LOG_K_RANGE[0]) / (_N_QUAD - 1))
+_QUAD_CACHE = DeviceCache()
+
+
+def _quadrature(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The ln k nodes and Simpson weights of the σ_R rule on ``device`` (the CPU originals on CPU)."""
+    return _QUAD_CACHE.get("lnk", _LNK, device), _QUAD_CACHE.get("qw", _QW, device)
 
 
 def sigma_r(
@@ -127,8 +137,9 @@ def sigma_r(
     (relative error ~10⁻⁶ at R = 8, ≲ 10⁻⁵ for 2 ≤ R ≤ 32). ``omega_m`` of any shape ``S``
     gives ``S``; float64."""
     omega_m = _as64(omega_m)
-    k = torch.exp(_LNK)
-    weight = _QW * k ** (3.0 + n_s) * tophat_window(k * radius) ** 2 / (2.0 * math.pi**2)
+    lnk, qw = _quadrature(omega_m.device)
+    k = torch.exp(lnk)
+    weight = qw * k ** (3.0 + n_s) * tophat_window(k * radius) ** 2 / (2.0 * math.pi**2)
     t = eh98_nowiggle_transfer(k, omega_m.unsqueeze(-1), omega_b, h, t_cmb)
     return torch.sqrt((t**2 * weight).sum(-1) * _as64(amplitude))
 
@@ -157,12 +168,12 @@ def binned_power(field: Tensor, box: float, edges: Tensor | None = None) -> tupl
     ``P̂(k) = |δ̂_k|² A_pix / N²`` averaged over the modes with ``edges[i] ≤ |k| < edges[i+1]``
     (full k plane, k = 0 excluded; default edges: ``N/2`` linear bins of width ``2π/box``).
     Returns ``(k_mean [n_bins], P [..., n_bins], counts [n_bins])`` (float64)."""
-    n = field.shape[-1]
-    kx = torch.fft.fftfreq(n, d=box / n, dtype=torch.float64) * 2 * math.pi
+    n, dev = field.shape[-1], field.device
+    kx = torch.fft.fftfreq(n, d=box / n, dtype=torch.float64, device=dev) * 2 * math.pi
     kmag = torch.sqrt(kx[:, None] ** 2 + kx[None, :] ** 2)
     if edges is None:
-        edges = (torch.arange(n // 2 + 1, dtype=torch.float64) + 0.5) * (2 * math.pi / box)
-    edges = _as64(edges)
+        edges = (torch.arange(n // 2 + 1, dtype=torch.float64, device=dev) + 0.5) * (2 * math.pi / box)
+    edges = torch.as_tensor(edges, dtype=torch.float64, device=dev)
     p = torch.fft.fft2(field.to(torch.float64)).abs() ** 2 * (box / n) ** 2 / n**2
     idx = torch.bucketize(kmag, edges, right=True) - 1  # bin i: edges[i] <= k < edges[i+1]
     nb = len(edges) - 1
@@ -174,7 +185,7 @@ def binned_power(field: Tensor, box: float, edges: Tensor | None = None) -> tupl
     return kmean, pb, counts
 
 
-class _CosmoField(Simulator):
+class _CosmoField(DeviceSimulator):
     """Shared grid, prior, spectrum and Gaussian likelihood of the projected-field simulators."""
 
     version = "1"
@@ -214,6 +225,11 @@ class _CosmoField(Simulator):
         mult[0, 0] = 0.0
         self._mult = mult
         self._mult_u = torch.zeros(len(kuniq), dtype=torch.float64).index_add_(0, self._kinv, mult.reshape(-1))
+        self._fallback = torch.tensor([0.3, 0.8], dtype=torch.float64)  # stands in for non-physical θ
+
+    def _on(self, name: str, device: torch.device) -> Tensor:
+        """The precomputed table ``self.<name>`` on ``device`` (cached; the original on CPU)."""
+        return self._device_cache.get(name, getattr(self, name), device)
 
     @property
     def parameter_labels(self) -> list[str]:
@@ -224,23 +240,25 @@ class _CosmoField(Simulator):
         return (self.n, self.n)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        low, high = torch.tensor(self.low), torch.tensor(self.high)
-        return low + (high - low) * torch.rand(n, 2, generator=generator)
+        dev = draw_device(generator)
+        low, high = torch.tensor(self.low, device=dev), torch.tensor(self.high, device=dev)
+        return low + (high - low) * torch.rand(n, 2, generator=generator, device=dev)
 
     def _eigen_unique(self, theta: Tensor) -> Tensor:
         """``λ`` on the distinct |k| of the grid, ``[B, U]`` float64, ``λ_0 = 0``."""
         theta = _as64(theta)
         om, s8 = theta[..., 0], theta[..., 1]
         norm = (s8 / sigma_r(om, 8.0, 1.0, self.omega_b, self.h, self.n_s, self.t_cmb)) ** 2
-        t = eh98_nowiggle_transfer(self._kuniq, om.unsqueeze(-1), self.omega_b, self.h, self.t_cmb)
-        lam = (norm / (self.slab_depth * self.pixel_area)).unsqueeze(-1) * self._kns * t**2
+        dev = theta.device
+        t = eh98_nowiggle_transfer(self._on("_kuniq", dev), om.unsqueeze(-1), self.omega_b, self.h, self.t_cmb)
+        lam = (norm / (self.slab_depth * self.pixel_area)).unsqueeze(-1) * self._on("_kns", dev) * t**2
         lam[..., 0] = 0.0
         return lam
 
     def eigenvalues(self, theta: Tensor) -> Tensor:
         r"""``λ_k = P_2D(|k|) / A_pix`` on the rfft2 half plane, ``[B, N, N//2+1]`` float64, λ_0 = 0."""
         lam = self._eigen_unique(theta)
-        return lam[..., self._kinv].reshape(*lam.shape[:-1], self.n, self.n // 2 + 1)
+        return lam[..., self._on("_kinv", lam.device)].reshape(*lam.shape[:-1], self.n, self.n // 2 + 1)
 
     def power_2d(self, theta: Tensor) -> Tensor:
         r"""The projected spectrum ``P_2D(|k|)`` in (Mpc/h)² on the rfft2 half plane ``[B, N, N//2+1]``."""
@@ -248,13 +266,15 @@ class _CosmoField(Simulator):
 
     def pixel_variance(self, theta: Tensor) -> Tensor:
         r"""``σ² = Σ_k λ_k / N²`` (full k plane): the exact per-pixel variance of the Gaussian field, ``[B]``."""
-        return (self._eigen_unique(theta) * self._mult_u).sum(-1) / self.n**2
+        lam = self._eigen_unique(theta)
+        return (lam * self._on("_mult_u", lam.device)).sum(-1) / self.n**2
 
     def _gaussian_field(self, theta: Tensor, generator: torch.Generator | None) -> Tensor:
         theta = self.check_theta(theta)
-        amp = self._eigen_unique(theta).sqrt().to(torch.float32)[..., self._kinv]
+        dev = theta.device
+        amp = self._eigen_unique(theta).sqrt().to(torch.float32)[..., self._on("_kinv", dev)]
         amp = amp.reshape(theta.shape[0], self.n, self.n // 2 + 1)
-        w = torch.randn(theta.shape[0], self.n, self.n, generator=generator)
+        w = randn(theta.shape[0], self.n, self.n, generator=generator, device=dev)
         return torch.fft.irfft2(amp * torch.fft.rfft2(w), s=(self.n, self.n))
 
     def _gaussian_log_likelihood(self, theta: Tensor, g: Tensor) -> Tensor:
@@ -263,13 +283,16 @@ class _CosmoField(Simulator):
         Non-physical θ (Ω_m ≤ 0, σ_8 ≤ 0 or not finite) give ``−inf``."""
         theta = _as64(theta)
         ok = torch.isfinite(theta).all(-1) & (theta[..., 0] > 0) & (theta[..., 1] > 0)
-        theta = torch.where(ok.unsqueeze(-1), theta, torch.tensor([0.3, 0.8], dtype=torch.float64))
+        dev = theta.device
+        theta = torch.where(ok.unsqueeze(-1), theta, self._on("_fallback", dev))
         lam = self._eigen_unique(theta)[..., 1:]  # [B, U-1]
-        power = torch.fft.rfft2(g.to(torch.float64)).abs().square() * self._mult
+        power = torch.fft.rfft2(g.to(torch.float64)).abs().square() * self._on("_mult", g.device)
         flat = power.reshape(power.shape[0], -1)
-        s = torch.zeros(flat.shape[0], len(self._mult_u), dtype=torch.float64).index_add_(1, self._kinv, flat)
+        mult_u = self._on("_mult_u", dev)
+        s = torch.zeros(flat.shape[0], len(mult_u), dtype=torch.float64, device=flat.device)
+        s = s.index_add_(1, self._on("_kinv", flat.device), flat)
         quad = (s[..., 1:] / lam).sum(-1) / self.n**2
-        logdet = (self._mult_u[1:] * torch.log(2 * math.pi * lam)).sum(-1)
+        logdet = (mult_u[1:] * torch.log(2 * math.pi * lam)).sum(-1)
         ll = -0.5 * (quad + logdet)
         return torch.where(ok, ll, torch.full_like(ll, -math.inf))
 

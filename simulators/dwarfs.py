@@ -48,6 +48,10 @@ Measured error of σ_p: ≤ 7·10⁻⁵ relative against nested scipy quadrature
 (corners and random draws) and ≤ 1.4·10⁻⁴ against the analytic self-consistent Plummer
 sphere; the mass m(x) is exact to 10⁻⁹ (float64; 10⁻⁷ in the float32 path). The simulator
 *is* this tabulated model, so its likelihood is exact for the simulator.
+
+Devices (convention in :mod:`simulators`): everything runs on the device of θ (and x); the grids
+and projection matrices of :class:`JeansGrid` and the prior bounds are copied there once and
+cached per device.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from torch import Tensor
 from torch.distributions import Independent, Uniform
 
 from sbipipe.errors import SbipipeError
-from sbipipe.simulator import Simulator
+from ._device import DeviceCache, DeviceSimulator, draw_device, poisson, rand, randn
 
 __all__ = [
     "G",
@@ -91,6 +95,7 @@ def _gnfw_m(x: Tensor, gamma: Tensor, terms: int = 32) -> Tensor:
     ``terms`` terms each (truncation < 2^−terms relative). ``gamma`` broadcasts against ``x``; each series
     is evaluated only on the blocks of columns that need it (fast for x increasing along rows)."""
     a = 3.0 - gamma
+    a, x = _same_device(a, x)  # e.g. a float γ (a CPU scalar) with x on an accelerator
     x = x.expand(torch.broadcast_shapes(x.shape, a.shape))
     if a.ndim == 0:
         a = a.reshape(1)
@@ -142,13 +147,21 @@ def gnfw_enclosed_mass(r: Tensor, gamma: Tensor | float, rs: Tensor | float, rho
 
     Broadcasts over all arguments (γ < 3); computed in float64."""
     r, gamma, rs, rho0 = (torch.as_tensor(t, dtype=torch.float64) for t in (r, gamma, rs, rho0))
+    r, gamma, rs, rho0 = _same_device(r, gamma, rs, rho0)
     return 4 * math.pi * rho0 * rs**3 * _gnfw_m(r / rs, gamma)
 
 
 def plummer_enclosed_mass(r: Tensor, mass: Tensor | float, a: Tensor | float) -> Tensor:
     r"""Mass inside r of a Plummer sphere of total mass M and scale a: M r³ / (r² + a²)^(3/2)."""
     r, mass, a = (torch.as_tensor(t, dtype=torch.float64) for t in (r, mass, a))
+    r, mass, a = _same_device(r, mass, a)
     return mass * r**3 / (r**2 + a**2) ** 1.5
+
+
+def _same_device(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Move CPU tensors to the (first) non-CPU device among ``tensors``; unchanged if all are on CPU."""
+    dev = next((t.device for t in tensors if t.device.type != "cpu"), None)
+    return tensors if dev is None else tuple(t.to(dev) for t in tensors)
 
 
 # -- Jeans machinery -------------------------------------------------------------------------
@@ -227,13 +240,19 @@ class JeansGrid:
         self._A = torch.from_numpy(a).to(dtype)
         self._Ab = torch.from_numpy(ab).to(dtype)
         self._log_nu = -2.5 * torch.log1p(self.s**2)
+        self._cache = DeviceCache()
+
+    def _on(self, name: str, device: torch.device) -> Tensor:
+        """The grid tensor ``self.<name>`` on ``device`` (cached; the original on CPU)."""
+        return self._cache.get(name, getattr(self, name), device)
 
     def sigma_r2(self, gm: Tensor, beta0: Tensor, ra: Tensor) -> Tensor:
         """Radial dispersion σ_r² [B, n_r] in (km/s)² on the grid ``s``."""
-        ls = self.log_s
+        dev = gm.device
+        ls, s = self._on("log_s", dev), self._on("s", dev)
         beta0, ra = beta0.to(self.dtype).unsqueeze(-1), ra.to(self.dtype).unsqueeze(-1)
-        log_f = 2 * beta0 * ls + (1 - beta0) * torch.log1p((self.s / ra) ** 2)
-        log_fnu = log_f + self._log_nu
+        log_f = 2 * beta0 * ls + (1 - beta0) * torch.log1p((s / ra) ** 2)
+        log_fnu = log_f + self._on("_log_nu", dev)
         # ∫ f ν GM/s² ds = ∫ f ν (G M/s) dln s
         logg = log_fnu + torch.log(gm.to(self.dtype)) - ls
         seg = _powerlaw_segments(logg, self.h)
@@ -245,9 +264,10 @@ class JeansGrid:
     def table(self, gm: Tensor, beta0: Tensor, ra: Tensor) -> Tensor:
         """Projected dispersion σ_p² [B, n_R] in (km/s)² at the projected radii ``R`` (units of r_*)."""
         s2 = self.sigma_r2(gm, beta0, ra)
-        x = (self.s / ra.to(self.dtype).unsqueeze(-1)) ** 2
+        dev = s2.device
+        x = (self._on("s", dev) / ra.to(self.dtype).unsqueeze(-1)) ** 2
         beta = (beta0.to(self.dtype).unsqueeze(-1) + x) / (1 + x)
-        return (s2 * (1 - beta)) @ self._A + (s2 * beta) @ self._Ab
+        return (s2 * (1 - beta)) @ self._on("_A", dev) + (s2 * beta) @ self._on("_Ab", dev)
 
     def interpolate(self, table: Tensor, R: Tensor) -> Tensor:
         """σ_p² at projected radii ``R [B, n]`` (units of r_*) from ``table [B, n_R]``: a cubic
@@ -279,11 +299,12 @@ class JeansGrid:
         ``rstar [B]`` (kpc) in the potential of ``enclosed_mass(r [B, n_r] kpc) -> M_⊙``, with
         anisotropy β₀ [B] and r_a [B] in kpc (``inf``: constant β = β₀)."""
         rstar = torch.as_tensor(rstar, dtype=self.dtype).reshape(-1)
-        R = torch.as_tensor(R, dtype=self.dtype).reshape(rstar.shape[0], -1)
-        beta0 = torch.as_tensor(beta0, dtype=self.dtype).expand(rstar.shape)
-        ra = torch.as_tensor(ra, dtype=self.dtype).expand(rstar.shape)
-        r = rstar.unsqueeze(-1) * self.s
-        gm = G * torch.as_tensor(enclosed_mass(r), dtype=self.dtype) / rstar.unsqueeze(-1)
+        dev = rstar.device
+        R = torch.as_tensor(R, dtype=self.dtype, device=dev).reshape(rstar.shape[0], -1)
+        beta0 = torch.as_tensor(beta0, dtype=self.dtype, device=dev).expand(rstar.shape)
+        ra = torch.as_tensor(ra, dtype=self.dtype, device=dev).expand(rstar.shape)
+        r = rstar.unsqueeze(-1) * self._on("s", dev)
+        gm = G * torch.as_tensor(enclosed_mass(r), dtype=self.dtype, device=dev) / rstar.unsqueeze(-1)
         tab = self.table(gm, beta0, ra / rstar)
         return self.interpolate(tab, R / rstar.unsqueeze(-1)).sqrt()
 
@@ -301,7 +322,7 @@ _LOW = (-1.0, -1.0, 5.0, 0.2, -0.5, 0.5)
 _HIGH = (2.0, 1.0, 8.0, 1.0, 0.5, 2.0)
 
 
-class Dwarf(Simulator):
+class Dwarf(DeviceSimulator):
     r"""A dwarf spheroidal: Plummer stars with β(r) anisotropy in a gNFW halo (6 parameters).
 
     Options: ``n_stars`` (100), ``poisson`` (draw the number of stars from Poisson(n_stars)),
@@ -364,8 +385,10 @@ class Dwarf(Simulator):
         return (self.n_max, 3)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(n, len(self._keep), generator=generator)
-        return self._low + (self._high - self._low) * u
+        dev = draw_device(generator)
+        u = torch.rand(n, len(self._keep), generator=generator, device=dev)
+        low, high = self._device_cache.get("low", self._low, dev), self._device_cache.get("high", self._high, dev)
+        return low + (high - low) * u
 
     def physical(self, theta: Tensor) -> dict[str, Tensor]:
         """Physical parameters (float64, [B]): γ, r_s [kpc], ρ₀ [M_⊙ kpc⁻³], r_* [kpc], β₀, r_a [kpc]."""
@@ -397,14 +420,15 @@ class Dwarf(Simulator):
         c = (p["rstar"] / p["rs"]).to(dt)
         k = (4 * math.pi * G * p["rho0"] * p["rs"] ** 2).to(dt) / c  # G M / r_* = k m(c s)
         terms = 32 if dt == torch.float64 else 24  # truncation below the float's resolution
-        gm = k.unsqueeze(-1) * _gnfw_m(c.unsqueeze(-1) * self.jeans.s, p["gamma"].to(dt).unsqueeze(-1), terms)
+        s = self.jeans._on("s", c.device)
+        gm = k.unsqueeze(-1) * _gnfw_m(c.unsqueeze(-1) * s, p["gamma"].to(dt).unsqueeze(-1), terms)
         return self.jeans.table(gm, p["beta0"], p["ra"] / p["rstar"])
 
     def velocity_dispersion(self, theta: Tensor, R: Tensor) -> Tensor:
         """Intrinsic line-of-sight dispersion σ_p(R) in km/s (no measurement error) for
         ``theta [B, D]`` at projected radii ``R [B, n]`` in kpc (``R [n]`` is shared)."""
         p = self.physical(torch.as_tensor(theta).reshape(-1, len(self._keep)))
-        R = torch.as_tensor(R, dtype=torch.float64)
+        R = torch.as_tensor(R, dtype=torch.float64, device=p["rs"].device)
         R = R.expand(p["rs"].shape[0], *R.shape[-1:]) if R.ndim == 1 else R
         s2 = self.jeans.interpolate(self._table(p), R / p["rstar"].unsqueeze(-1))
         return s2.sqrt().to(torch.float32)
@@ -413,18 +437,17 @@ class Dwarf(Simulator):
         theta = torch.as_tensor(theta, dtype=torch.float32)
         theta = theta.unsqueeze(0) if theta.ndim == 1 else theta
         p = self.physical(theta)
-        b, n = theta.shape[0], self.n_max
+        b, n, dev = theta.shape[0], self.n_max, theta.device
         table = self._table(p)
         if self.poisson:
-            rate = torch.full((b,), float(self.n_stars), dtype=torch.float64)
-            count = torch.poisson(rate, generator=generator).clamp(1, n)
+            count = poisson(float(self.n_stars), (b,), generator, dev, torch.float64).clamp(1, n)
         else:
-            count = torch.full((b,), float(self.n_stars), dtype=torch.float64)
-        u = torch.rand(b, n, generator=generator).to(torch.float64) + 2.0**-25  # in (0, 1)
+            count = torch.full((b,), float(self.n_stars), dtype=torch.float64, device=dev)
+        u = rand(b, n, generator=generator, device=dev).to(torch.float64) + 2.0**-25  # in (0, 1)
         rho = torch.sqrt(u / (1 - u))  # R / r_*
-        z = torch.randn(b, n, generator=generator)
+        z = randn(b, n, generator=generator, device=dev)
         var = self.jeans.interpolate(table, rho) + self.velocity_error**2
-        mask = (torch.arange(n, dtype=torch.float64) < count.unsqueeze(-1)).to(torch.float64)
+        mask = (torch.arange(n, dtype=torch.float64, device=dev) < count.unsqueeze(-1)).to(torch.float64)
         x = torch.stack([rho * p["rstar"].unsqueeze(-1), var.sqrt() * z, mask], -1) * mask.unsqueeze(-1)
         return x.to(torch.float32)
 

@@ -38,6 +38,10 @@ each truncated to a physical box (see :data:`LENS_PRIORS`, :data:`SHEAR_PRIORS`,
 
 :func:`lensing_operator` exposes the linear, differentiable map "pixelated source → lensed,
 PSF-convolved image" for given lens parameters, for source reconstruction with learned priors.
+
+Devices (convention in :mod:`simulators`): rendering, noise and likelihood run on θ's device; the
+ray grid and the PSF imaging matrix are built per (dtype, device) and cached; the priors' samplers
+draw on the generator's device, their parameters copied there once (cached).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 
-from sbipipe.simulator import Simulator
+from ._device import DeviceCache, DeviceSimulator, draw_device, randn
 
 __all__ = [
     "Instrument",
@@ -87,7 +91,18 @@ _SIE_CORE = 1e-9
 # ---------------------------------------------------------------------------------------------
 
 
-class TruncatedNormal(Distribution):
+class _OnDevice:
+    """Mixin for distributions whose parameters live on the CPU: :meth:`_on` gives them on the
+    device of a value (the original tensors on CPU; other devices cached)."""
+
+    def _on(self, device: torch.device, *names: str) -> tuple[Tensor, ...]:
+        cache = self.__dict__.get("_device_cache")
+        if cache is None:
+            cache = self.__dict__["_device_cache"] = DeviceCache()
+        return tuple(cache.get(name, getattr(self, name), device) for name in names)
+
+
+class TruncatedNormal(_OnDevice, Distribution):
     r"""N(loc, scale²) restricted to [low, high]: p(x) = φ(z) / (scale · Z), z = (x − loc)/scale,
     Z = Φ(b) − Φ(a), a, b = (low − loc)/scale, (high − loc)/scale.
 
@@ -117,31 +132,37 @@ class TruncatedNormal(Distribution):
         return constraints.interval(self.low, self.high)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        z = (value - self.loc) / self.scale
-        lp = -0.5 * z**2 - self.scale.log() - 0.5 * math.log(2 * math.pi) - self._log_Z
-        inside = (value >= self.low) & (value <= self.high)
+        value = torch.as_tensor(value)
+        loc, scale, low, high, log_z = self._on(value.device, "loc", "scale", "low", "high", "_log_Z")
+        z = (value - loc) / scale
+        lp = -0.5 * z**2 - scale.log() - 0.5 * math.log(2 * math.pi) - log_z
+        inside = (value >= low) & (value <= high)
         return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
     def cdf(self, value: Tensor) -> Tensor:
-        z = ((value - self.loc) / self.scale).double()
-        z = torch.where(self._flip, -z, z)
-        c = (_ndtr(z) - _ndtr(self._a)) / self._Z
-        c = torch.where(self._flip, 1 - c, c)
+        value = torch.as_tensor(value)
+        loc, scale, flip, a, big_z = self._on(value.device, "loc", "scale", "_flip", "_a", "_Z")
+        z = ((value - loc) / scale).double()
+        z = torch.where(flip, -z, z)
+        c = (_ndtr(z) - _ndtr(a)) / big_z
+        c = torch.where(flip, 1 - c, c)
         return c.clamp(0, 1).to(self.loc.dtype)
 
     def icdf(self, value: Tensor) -> Tensor:
-        u = value.double()
-        u = torch.where(self._flip, 1 - u, u)
-        z = torch.special.ndtri(_ndtr(self._a) + u * self._Z)
-        z = torch.where(self._flip, -z, z)
-        x = self.loc.double() + self.scale.double() * z
-        return torch.minimum(torch.maximum(x, self.low.double()), self.high.double()).to(self.loc.dtype)
+        u = torch.as_tensor(value).double()
+        loc, scale, low, high, flip, a, big_z = self._on(u.device, "loc", "scale", "low", "high", "_flip", "_a", "_Z")
+        u = torch.where(flip, 1 - u, u)
+        z = torch.special.ndtri(_ndtr(a) + u * big_z)
+        z = torch.where(flip, -z, z)
+        x = loc.double() + scale.double() * z
+        return torch.minimum(torch.maximum(x, low.double()), high.double()).to(self.loc.dtype)
 
     def sample(
         self, sample_shape: torch.Size | Sequence[int] = torch.Size(), generator: torch.Generator | None = None
     ) -> Tensor:
+        """Draws on the generator's device (CPU when None)."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=draw_device(generator))
         return self.icdf(u)
 
     @property
@@ -163,7 +184,7 @@ class TruncatedNormal(Distribution):
         return f"TruncatedNormal({args})"
 
 
-class LogUniform(Distribution):
+class LogUniform(_OnDevice, Distribution):
     r"""p(x) = 1 / (x log(high/low)) on [low, high]: log x ~ U[log low, log high]."""
 
     arg_constraints = {"low": constraints.positive, "high": constraints.positive}
@@ -180,23 +201,30 @@ class LogUniform(Distribution):
         return constraints.interval(self.low, self.high)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        lp = -value.log() - (self.high / self.low).log().log()
-        inside = (value >= self.low) & (value <= self.high)
+        value = torch.as_tensor(value)
+        low, high = self._on(value.device, "low", "high")
+        lp = -value.log() - (high / low).log().log()
+        inside = (value >= low) & (value <= high)
         return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
     def cdf(self, value: Tensor) -> Tensor:
-        return ((value.log() - self.low.log()) / (self.high / self.low).log()).clamp(0, 1)
+        value = torch.as_tensor(value)
+        low, high = self._on(value.device, "low", "high")
+        return ((value.log() - low.log()) / (high / low).log()).clamp(0, 1)
 
     def icdf(self, value: Tensor) -> Tensor:
-        lo, hi = self.low.double().log(), self.high.double().log()
+        value = torch.as_tensor(value)
+        low, high = self._on(value.device, "low", "high")
+        lo, hi = low.double().log(), high.double().log()
         x = torch.exp(lo + value.double() * (hi - lo))
-        return torch.minimum(torch.maximum(x, self.low.double()), self.high.double()).to(self.low.dtype)
+        return torch.minimum(torch.maximum(x, low.double()), high.double()).to(self.low.dtype)
 
     def sample(
         self, sample_shape: torch.Size | Sequence[int] = torch.Size(), generator: torch.Generator | None = None
     ) -> Tensor:
+        """Draws on the generator's device (CPU when None)."""
         shape = self._extended_shape(torch.Size(sample_shape))
-        return self.icdf(torch.rand(shape, generator=generator, dtype=torch.float64))
+        return self.icdf(torch.rand(shape, generator=generator, dtype=torch.float64, device=draw_device(generator)))
 
     @property
     def mean(self) -> Tensor:
@@ -570,7 +598,7 @@ def lensing_operator(
 # ---------------------------------------------------------------------------------------------
 
 
-class LensSIE(Simulator):
+class LensSIE(DeviceSimulator):
     r"""SIE lens + Sérsic source, 64 × 64 HST-like image: x = render(θ) + N(0, σ² I), σ = 1.
 
     θ = (theta_E, e1, e2, x0, y0, src_x, src_y, src_e1, src_e2, src_Re, src_n, src_flux); priors
@@ -631,8 +659,7 @@ class LensSIE(Simulator):
 
     def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
         mu = self.render(torch.as_tensor(theta, dtype=torch.float32))
-        device = generator.device if generator is not None else mu.device
-        noise = torch.randn(mu.shape, generator=generator, device=device).to(mu.device)
+        noise = randn(mu.shape, generator=generator, device=mu.device)
         return mu + self.instrument.noise_std * noise
 
     def log_likelihood(self, theta: Tensor, x: Tensor) -> Tensor:
@@ -651,10 +678,12 @@ class LensSIE(Simulator):
         return -0.5 * chi2 - 0.5 * n_pix * math.log(2 * math.pi * sigma**2)
 
     def lensing_operator(self, theta: Tensor, **kwargs: Any) -> LensingOperator:
-        """:func:`lensing_operator` for the lens columns of ``theta [B, D]`` (source columns ignored)."""
+        """:func:`lensing_operator` for the lens columns of ``theta [B, D]`` (source columns ignored),
+        on θ's device unless ``device`` is given."""
         theta = torch.as_tensor(theta, dtype=torch.float32)
         if theta.ndim == 1:
             theta = theta.unsqueeze(0)
+        kwargs.setdefault("device", theta.device)
         return lensing_operator(**self.lens_params(theta), instrument=self.instrument, **kwargs)
 
     def velocity_dispersion(self, theta_E: Any) -> Tensor:
