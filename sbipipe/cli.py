@@ -151,10 +151,90 @@ def reference_cmd(
     _print_summary(table)
 
 
+@app.command("train")
+def train_cmd(
+    bank: Annotated[Path, typer.Argument(help="Simulation bank (.h5).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
+    estimator: Annotated[str, typer.Option(help="Flow: nsf, maf or naf.")] = "nsf",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular or deepset.")] = "auto",
+    ensemble: Annotated[int, typer.Option(help="Number of estimators combined as a mixture.")] = 1,
+    max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: about 50 steps per epoch, 64 to 512.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and batching.")] = 0,
+) -> None:
+    """Train a neural posterior estimator on a bank and write a model directory."""
+    from .npe import train_posterior
+    from .progress import epoch_progress
+
+    with epoch_progress(f"train {estimator}", ensemble) as report:
+        post = train_posterior(bank, output, estimator=estimator, embedding=embedding, ensemble=ensemble,
+                               max_epochs=max_epochs, batch_size=batch_size, device=device, resume=resume,
+                               seed=seed, progress=report)
+    tr = post.card["training"]
+    losses = ", ".join(f"{f['best_val_loss']:.4f} ({f['epochs']} epochs)" for f in tr["final"])
+    out.print(f"{output}: {post!r} trained in {tr['seconds']:.1f} s; best validation loss {losses}")
+
+
+@app.command("sample")
+def sample_cmd(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    observation: Annotated[Path, typer.Option(help="Observation file (.npy, .csv or .h5): one or a stack.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Samples file (.h5).")],
+    n: Annotated[int, typer.Option("-n", help="Samples per observation.")] = 10_000,
+    plot: Annotated[Optional[Path], typer.Option(help="Corner plot (.png) of the first observation's samples.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+) -> None:
+    """Draw posterior samples for an observation (or a stack) and summarise them."""
+    import json
+
+    from .atomic import check_writable
+    from .observations import load_observation, truth_path
+    from .posterior import load_posterior
+    from .registry import get_simulator
+    from .samples import summary_path, write_samples
+    from .simulator import check_observation
+
+    post = load_posterior(model, device=device)
+    check_writable(output)
+    try:
+        sim = get_simulator(post.simulator_name)
+        x = load_observation(observation, sim)
+    except SbipipeError as exc:
+        if "unknown simulator" not in str(exc) and "cannot import" not in str(exc):
+            raise
+        from .observations import _read_array
+
+        x = check_observation(_read_array(Path(observation)), post.observation_shape, post.simulator_name)
+    samples = post.sample(x, n, seed=seed)  # [M, n, D]
+    samples = samples[0] if len(x) == 1 else samples
+    attrs = {"model": str(model), "observation": str(observation), "simulator": post.simulator_name,
+             "simulator_version": post.simulator_version, "seed": seed, "kind": "posterior"}
+    table = write_samples(output, samples, post.parameter_names, attrs)
+    if plot is not None:
+        from .plots import corner_plot
+
+        truth = None
+        if truth_path(observation).is_file():
+            try:
+                truth = json.loads(truth_path(observation).read_text()).get("theta")
+            except (json.JSONDecodeError, AttributeError):
+                truth = None
+        first = samples if samples.ndim == 2 else samples[0]
+        corner_plot(first, post.parameter_names, plot, truth=truth)
+    shape = "x".join(map(str, samples.shape))
+    out.print(f"{output}: samples [{shape}]; summary {summary_path(output)}" + (f"; plot {plot}" if plot else ""))
+    _print_summary(table)
+
+
 def _print_summary(table) -> None:
-    view = Table("parameter", "mean", "std", "5%", "50%", "95%", box=None)
+    many = table["observation"].nunique() > 1
+    view = Table(*(["obs"] if many else []), "parameter", "mean", "std", "5%", "50%", "95%", box=None)
     for _, row in table.iterrows():
-        view.add_row(str(row["parameter"]), *(f"{row[c]:.4g}" for c in ("mean", "std", "q05", "q50", "q95")))
+        view.add_row(*([str(row["observation"])] if many else []), str(row["parameter"]),
+                     *(f"{row[c]:.4g}" for c in ("mean", "std", "q05", "q50", "q95")))
     out.print(view)
 
 

@@ -6,9 +6,9 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["row_progress"]
+__all__ = ["epoch_progress", "row_progress"]
 
 
 @contextlib.contextmanager
@@ -35,3 +35,26 @@ def row_progress(description: str, enabled: bool | None = None) -> Iterator[Call
             bar.update(task, rate=f"{speed:,.0f} rows/s" if speed else "")
 
         yield update
+
+
+@contextlib.contextmanager
+def epoch_progress(description: str, members: int = 1, enabled: bool | None = None) -> Iterator[Callable[[int, dict], None]]:
+    """Yield ``report(member, row)`` for training epochs; shows the losses on a terminal."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield lambda member, row: None
+        return
+    columns = (TextColumn("[bold]{task.description}"), TextColumn("epoch {task.completed}"),
+               TextColumn("{task.fields[losses]}"), TimeElapsedColumn())
+    with Progress(*columns) as bar:
+        tasks: dict[int, int] = {}
+
+        def report(member: int, row: dict) -> None:
+            if member not in tasks:
+                label = description + (f" [{member + 1}/{members}]" if members > 1 else "")
+                tasks[member] = bar.add_task(label, total=None, losses="")
+            bar.update(tasks[member], completed=int(row["epoch"]),
+                       losses=f"train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  lr {row['lr']:.1e}")
+
+        yield report

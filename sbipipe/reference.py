@@ -9,6 +9,10 @@ Weare 2010; Foreman-Mackey et al. 2013) on ``log_likelihood(θ, x) + log prior(�
   autocorrelation times τ long (Sokal's rule with a safety margin), and the acceptance fraction is
   checked to lie in [0.1, 0.8]; failures are reported in ``diagnostics["warnings"]``.
 * Samples are thinned by ⌈τ/2⌉ and N are drawn without replacement from the thinned chain.
+* Mirror symmetries: a simulator may declare ``sign_symmetries`` — parameter indices whose sign
+  flip leaves likelihood and prior unchanged (slcp's θ3, θ4). The chain then runs on the
+  half-space θ_i ≥ 0, which holds one full copy of the posterior, and each output sample gets an
+  independent random sign per such index: exact, and no chain has to jump between mirror modes.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ class ReferencePosterior:
     diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
-def log_posterior(simulator: Simulator, theta: Tensor, x: Tensor) -> Tensor:
-    """``log L(θ; x) + log π(θ)`` for ``θ [B, D]`` and one observation ``x``; −∞ outside the prior."""
+def log_posterior(simulator: Simulator, theta: Tensor, x: Tensor, half_space: tuple[int, ...] = ()) -> Tensor:
+    """``log L(θ; x) + log π(θ)`` for ``θ [B, D]`` and one observation ``x``; −∞ outside the prior
+    (and outside θ_i ≥ 0 for ``i`` in ``half_space``)."""
     theta = theta.to(torch.float32)
     out = torch.full((theta.shape[0],), -math.inf, dtype=torch.float64)
     support = simulator.prior.support
     inside = support.check(theta) & torch.isfinite(theta).all(-1)
+    if half_space:
+        inside &= (theta[:, list(half_space)] >= 0).all(-1)
     if inside.any():
         t = theta[inside]
         with torch.no_grad():
@@ -50,9 +57,13 @@ def log_posterior(simulator: Simulator, theta: Tensor, x: Tensor) -> Tensor:
     return out
 
 
-def _initial_walkers(simulator: Simulator, x: Tensor, walkers: int, draws: int, rng: torch.Generator) -> np.ndarray:
+def _initial_walkers(
+    simulator: Simulator, x: Tensor, walkers: int, draws: int, rng: torch.Generator, half_space: tuple[int, ...]
+) -> np.ndarray:
     theta = simulator.sample_prior(draws, rng)
-    logp = torch.cat([log_posterior(simulator, t, x) for t in theta.split(2048)])
+    if half_space:
+        theta[:, list(half_space)] = theta[:, list(half_space)].abs()
+    logp = torch.cat([log_posterior(simulator, t, x, half_space) for t in theta.split(2048)])
     logl = logp - simulator.prior.log_prob(theta).double()
     if not torch.isfinite(logl).any():
         raise SbipipeError(
@@ -67,7 +78,7 @@ def _initial_walkers(simulator: Simulator, x: Tensor, walkers: int, draws: int, 
     scale = top.std(0).clamp_min(1e-6) * 0.01
     for _ in range(100):
         trial = start + scale * torch.randn(start.shape, generator=rng, dtype=torch.float64)
-        ok = torch.isfinite(log_posterior(simulator, trial, x))
+        ok = torch.isfinite(log_posterior(simulator, trial, x, half_space))
         start[ok] = trial[ok]
         if ok.all():
             break
@@ -100,11 +111,12 @@ def reference_posterior(
     walkers = walkers or max(32, 4 * d)
     walkers += walkers % 2
     rng = torch.Generator().manual_seed(seed)
+    half_space = tuple(int(i) for i in getattr(simulator, "sign_symmetries", ()))
     t0 = time.perf_counter()
-    p0 = _initial_walkers(simulator, x, walkers, init_draws, rng)
+    p0 = _initial_walkers(simulator, x, walkers, init_draws, rng, half_space)
 
     def logp(theta: np.ndarray) -> np.ndarray:
-        return log_posterior(simulator, torch.from_numpy(theta), x).numpy()
+        return log_posterior(simulator, torch.from_numpy(theta), x, half_space).numpy()
 
     sampler = emcee.EnsembleSampler(walkers, d, logp, vectorize=True)
     sampler.random_state = np.random.RandomState(seed).get_state()
@@ -131,8 +143,12 @@ def reference_posterior(
         warnings.append(f"acceptance fraction {acceptance:.2f} outside [0.1, 0.8]")
     if len(chain) < n:
         warnings.append(f"only {len(chain)} independent-ish samples for n={n}; some repeat")
-    idx = np.random.default_rng(seed).choice(len(chain), size=n, replace=len(chain) < n)
-    samples = torch.from_numpy(chain[idx]).to(torch.float32)
+    pick = np.random.default_rng(seed)
+    samples = chain[pick.choice(len(chain), size=n, replace=len(chain) < n)]
+    if half_space:  # undo the restriction: each mirror image is equally probable
+        cols = list(half_space)
+        samples[:, cols] *= pick.choice([-1.0, 1.0], size=(n, len(cols)))
+    samples = torch.from_numpy(samples).to(torch.float32)
     diagnostics = {
         "sampler": f"emcee {emcee.__version__} EnsembleSampler (stretch move)",
         "walkers": walkers,
@@ -146,6 +162,7 @@ def reference_posterior(
         "converged": not warnings,
         "warnings": "; ".join(warnings),
         "seconds": time.perf_counter() - t0,
+        "sign_symmetries": list(half_space),
     }
     return ReferencePosterior(samples, diagnostics)
 

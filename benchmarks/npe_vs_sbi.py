@@ -1,0 +1,394 @@
+"""This project's NPE engine vs sbi 0.27's ``NPE`` (defaults) on SBI-benchmark tasks, same banks.
+
+    python benchmarks/npe_vs_sbi.py [--tasks two_moons,gaussian_linear,slcp] [--budgets 1000,10000,100000]
+                                    [--observations 5] [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N]
+
+For every task and simulation budget both methods train on the same bank (``simulate_bank(task,
+..., seed=0)``; sbi gets all rows and makes its own validation split, ours uses the bank's split).
+Metrics:
+
+* C2ST (``sbipipe.c2st``, the SBI-benchmark protocol) between 10⁴ posterior draws and 10⁴ reference
+  draws, averaged over the observations. Observation j is simulated from a prior draw with
+  ``torch.Generator().manual_seed(1000 + j)``. References: gaussian_linear — the analytic posterior;
+  two_moons — rejection sampling from the prior (the likelihood is ≤ e⁵, accept with probability
+  exp(log L − 5)); slcp — emcee (``sbipipe.reference.reference_posterior``, 1–2 min each).
+* training wall time (ours: ``train_posterior``, incl. writing the model; sbi: ``append_simulations``
+  + ``train``), and their ratio;
+* time to draw 10⁴ samples for one observation (best of 3 after a warm-up).
+
+Everything is cached in the work folder (banks, observations, references, trained models and a
+``results.json`` per task/budget/method/observation), so an interrupted run continues where it
+stopped; rerunning with more observations only computes the new ones. The table is printed and
+written to ``results.csv`` and ``results.md`` in the work folder, followed by a check of the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sbipipe import get_simulator
+from sbipipe.bank import SimulationBank, simulate_bank
+from sbipipe.c2st import c2st
+
+TASKS = ("two_moons", "gaussian_linear", "slcp")
+BUDGETS = (1_000, 10_000, 100_000)
+METHODS = ("ours", "sbi")
+N_SAMPLES = 10_000
+N_REFERENCE = 10_000
+# targets (checked at the end)
+C2ST_TOLERANCE = 0.01  # ours may be at most this much above sbi
+C2ST_AT_1E4 = {"two_moons": 0.55, "gaussian_linear": 0.52, "slcp": 0.85}
+TRAIN_RATIO = 0.2
+SAMPLE_MS = 50.0
+TWO_MOONS_LOG_BOUND = 5.0  # log-likelihood bound for two_moons rejection sampling
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- cache --------------------------------------------------------------------------------------
+class Results:
+    """``results.json``: ``{"task|budget|method": {"train_s", "sample_ms", "c2st": {obs: value}}}``,
+    rewritten atomically after every new number."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def entry(self, task: str, budget: int, method: str) -> dict[str, Any]:
+        return self.data.setdefault(f"{task}|{budget}|{method}", {"c2st": {}})
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def bank_path(workdir: Path, task: str, budget: int) -> Path:
+    path = workdir / "banks" / f"{task}_{budget}.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or SimulationBank(path).rows < budget:
+        log(f"{task}: simulating a bank of {budget} rows")
+        simulate_bank(task, path, budget, seed=0)
+    return path
+
+
+def observation(workdir: Path, task: str, j: int) -> torch.Tensor:
+    path = workdir / "observations" / f"{task}_obs{j}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    sim = get_simulator(task)
+    g = torch.Generator().manual_seed(1000 + j)
+    theta = sim.sample_prior(1, g)
+    x = sim.simulate(theta, g)[0].to(torch.float32)
+    save_npy(path, x.numpy())
+    save_npy(path.with_name(f"{task}_obs{j}_theta.npy"), theta[0].numpy())
+    return x
+
+
+def reference(workdir: Path, task: str, j: int, x: torch.Tensor) -> torch.Tensor:
+    path = workdir / "references" / f"{task}_obs{j}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    sim = get_simulator(task)
+    t0 = time.perf_counter()
+    if task == "gaussian_linear":
+        with torch.random.fork_rng():
+            torch.manual_seed(j)
+            samples = sim.posterior(x).sample((N_REFERENCE,))
+    elif task == "two_moons":
+        samples = two_moons_rejection(sim, x, N_REFERENCE, seed=j)
+    elif task == "slcp":
+        from sbipipe.reference import reference_posterior
+
+        ref = reference_posterior(sim, x, n=N_REFERENCE, seed=j)
+        samples = ref.samples
+        diag = {k: v for k, v in ref.diagnostics.items() if isinstance(v, (int, float, str, bool, list))}
+        (path.with_name(f"{task}_obs{j}_diagnostics.json")).write_text(json.dumps(diag, indent=1))
+        if ref.diagnostics.get("warnings"):
+            log(f"  warning: slcp reference {j}: {ref.diagnostics['warnings']}")
+    else:
+        raise SystemExit(f"no reference posterior for task {task!r}")
+    samples = samples.to(torch.float32)
+    save_npy(path, samples.numpy())
+    log(f"{task}: reference posterior for observation {j} in {time.perf_counter() - t0:.1f} s")
+    return samples
+
+
+def two_moons_rejection(sim: Any, x: torch.Tensor, n: int, seed: int, batch: int = 1_000_000) -> torch.Tensor:
+    """Exact posterior draws: prior proposals accepted with probability L(θ; x) / e⁵ (L ≤ e⁵)."""
+    g = torch.Generator().manual_seed(seed)
+    accepted, total = [], 0
+    while total < n:
+        theta = sim.sample_prior(batch, g)
+        ll = sim.log_likelihood(theta, x.expand(batch, *x.shape)).double()
+        if bool((ll > TWO_MOONS_LOG_BOUND).any()):
+            raise RuntimeError(f"two_moons log-likelihood {float(ll.max()):.3f} exceeds the bound {TWO_MOONS_LOG_BOUND}")
+        u = torch.rand(batch, generator=g, dtype=torch.float64)
+        keep = theta[torch.nan_to_num(ll, nan=-math.inf) - TWO_MOONS_LOG_BOUND > torch.log(u)]
+        accepted.append(keep)
+        total += len(keep)
+    return torch.cat(accepted)[:n]
+
+
+# -- methods --------------------------------------------------------------------------------------
+def sbi_prior(sim: Any) -> torch.distributions.Distribution:
+    """BoxUniform for box priors (so that sbi treats bounds its usual way); other priors as they are."""
+    from torch.distributions import Independent, Uniform
+
+    prior = sim.prior
+    if isinstance(prior, Independent) and isinstance(prior.base_dist, Uniform):
+        from sbi.utils import BoxUniform
+
+        return BoxUniform(prior.base_dist.low.clone(), prior.base_dist.high.clone())
+    return prior
+
+
+class Method:
+    """Trains (or loads) one method's posterior for one bank; ``sample(x, n, seed)`` -> [n, D]."""
+
+    def __init__(self, name: str, task: str, budget: int, workdir: Path):
+        self.name, self.task, self.budget, self.workdir = name, task, budget, workdir
+        self.model_path = workdir / "models" / (f"{task}_{budget}_ours" if name == "ours" else f"{task}_{budget}_sbi.pt")
+        self.model_path.parent.mkdir(parents=True, exist_ok=True)
+        self.posterior: Any = None
+
+    def trained(self) -> bool:
+        if self.name == "ours":
+            from sbipipe.store import CARD
+
+            return (self.model_path / CARD).exists()  # the card is written last
+        return self.model_path.exists()
+
+    def train(self, bank: Path) -> float:
+        if self.name == "ours":
+            import shutil
+
+            from sbipipe.npe import train_posterior
+
+            shutil.rmtree(self.model_path, ignore_errors=True)
+            t0 = time.perf_counter()
+            self.posterior = train_posterior(bank, self.model_path, seed=0)
+            seconds = time.perf_counter() - t0
+        else:
+            from sbi.inference import NPE
+            from torch.utils.tensorboard import SummaryWriter
+
+            theta, x = SimulationBank(bank).load()
+            torch.manual_seed(0)
+            chatter = io.StringIO()  # sbi prints "Neural network successfully converged after N epochs."
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(chatter):
+                # sbi's default summary writer logs to ./sbi-logs; keep its logs in the work folder
+                writer = SummaryWriter(str(self.workdir / "sbi-logs" / f"{self.task}_{self.budget}"))
+                inference = NPE(prior=sbi_prior(get_simulator(self.task)), show_progress_bars=False,
+                                summary_writer=writer)
+                estimator = inference.append_simulations(theta, x).train()
+            seconds = time.perf_counter() - t0
+            writer.close()
+            if chatter.getvalue().strip():
+                log(f"{self.task} n={self.budget} sbi: {' '.join(chatter.getvalue().split())}")
+            self.posterior = inference.build_posterior(estimator)
+            tmp = self.model_path.with_name(self.model_path.name + ".tmp")
+            torch.save(self.posterior, tmp)
+            os.replace(tmp, self.model_path)
+        return seconds
+
+    def load(self) -> None:
+        if self.posterior is not None:
+            return
+        if self.name == "ours":
+            from sbipipe.posterior import load_posterior
+
+            self.posterior = load_posterior(self.model_path)
+        else:
+            self.posterior = torch.load(self.model_path, weights_only=False)
+
+    def sample(self, x: torch.Tensor, n: int, seed: int | None = None) -> torch.Tensor:
+        if self.name == "ours":
+            return self.posterior.sample(x, n, seed=seed)
+        with torch.random.fork_rng():
+            if seed is not None:
+                torch.manual_seed(seed)
+            return self.posterior.sample((n,), x=x, show_progress_bars=False)
+
+
+def best_of(fn: Any, repeat: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_one(results: Results, workdir: Path, task: str, budget: int, method: str, observations: int) -> None:
+    entry = results.entry(task, budget, method)
+    todo = [j for j in range(observations) if str(j) not in entry["c2st"]]
+    if "train_s" in entry and "sample_ms" in entry and not todo:
+        return
+    m = Method(method, task, budget, workdir)
+    tag = f"{task} n={budget} {method}"
+    if "train_s" not in entry or not m.trained():
+        log(f"{tag}: training")
+        entry["train_s"] = m.train(bank_path(workdir, task, budget))
+        entry["c2st"] = {}  # a new model invalidates C2STs of an older one
+        todo = list(range(observations))
+        results.save()
+        log(f"{tag}: trained in {entry['train_s']:.1f} s")
+    m.load()
+    if "sample_ms" not in entry:
+        x0 = observation(workdir, task, 0)
+        entry["sample_ms"] = 1000 * best_of(lambda: m.sample(x0, N_SAMPLES))
+        results.save()
+        log(f"{tag}: {N_SAMPLES} samples in {entry['sample_ms']:.1f} ms")
+    for j in todo:
+        x = observation(workdir, task, j)
+        ref = reference(workdir, task, j, x)
+        samples = m.sample(x, N_SAMPLES, seed=j)
+        if not torch.isfinite(samples).all():
+            raise RuntimeError(f"{tag}: non-finite posterior samples for observation {j}")
+        t0 = time.perf_counter()
+        entry["c2st"][str(j)] = c2st(samples, ref)
+        results.save()
+        log(f"{tag}: observation {j}: C2ST {entry['c2st'][str(j)]:.3f} ({time.perf_counter() - t0:.1f} s)")
+
+
+# -- report ---------------------------------------------------------------------------------------
+COLUMNS = ["task", "budget", "c2st_ours", "c2st_sbi", "train_s_ours", "train_s_sbi", "train_ratio",
+           "sample_ms_ours", "sample_ms_sbi"]
+
+
+def table(results: Results, tasks: list[str], budgets: list[int], observations: int) -> list[dict[str, Any]]:
+    rows = []
+    for task in tasks:
+        for budget in budgets:
+            row: dict[str, Any] = {"task": task, "budget": budget}
+            for method in METHODS:
+                e = results.data.get(f"{task}|{budget}|{method}", {})
+                vals = [e.get("c2st", {}).get(str(j)) for j in range(observations)]
+                row[f"c2st_{method}"] = float(np.mean(vals)) if vals and None not in vals else math.nan
+                row[f"train_s_{method}"] = e.get("train_s", math.nan)
+                row[f"sample_ms_{method}"] = e.get("sample_ms", math.nan)
+            row["train_ratio"] = row["train_s_ours"] / row["train_s_sbi"]
+            rows.append(row)
+    return rows
+
+
+def fmt(v: Any, col: str) -> str:
+    if isinstance(v, str):
+        return v
+    if col == "budget":
+        return f"{v:,}"
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return f"{v:.3f}" if col.startswith("c2st") or col == "train_ratio" else f"{v:.1f}"
+
+
+def write_report(rows: list[dict[str, Any]], workdir: Path, observations: int) -> str:
+    head = ["task", "budget", "C2ST ours", "C2ST sbi", "train s ours", "train s sbi", "ratio ours/sbi",
+            "sample ms ours", "sample ms sbi"]
+    cells = [[fmt(r[c], c) for c in COLUMNS] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    text = "  ".join(h.rjust(w) for h, w in zip(head, widths)) + "\n"
+    text += "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
+    with open(workdir / "results.csv", "w") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for r in rows:
+            f.write(",".join(str(r[c]) for c in COLUMNS) + "\n")
+    md = [f"C2ST: mean over {observations} observations, {N_SAMPLES} posterior vs {N_REFERENCE} reference draws; "
+          f"sampling: {N_SAMPLES} draws for one observation, best of 3.", "",
+          "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 1 else "---:" for i in range(len(head))) + "|"]
+    md += ["| " + " | ".join(row) + " |" for row in cells]
+    (workdir / "results.md").write_text("\n".join(md) + "\n")
+    return text
+
+
+def check_targets(rows: list[dict[str, Any]]) -> bool:
+    checks: list[tuple[str, bool | None]] = []
+    for r in rows:
+        name = f"{r['task']} n={r['budget']:,}"
+        o, s = r["c2st_ours"], r["c2st_sbi"]
+        ok = None if math.isnan(o) or math.isnan(s) else o <= s + C2ST_TOLERANCE
+        checks.append((f"{name}: C2ST ours {o:.3f} <= sbi {s:.3f} + {C2ST_TOLERANCE}", ok))
+        if r["budget"] == 10_000 and r["task"] in C2ST_AT_1E4:
+            lim = C2ST_AT_1E4[r["task"]]
+            checks.append((f"{name}: C2ST ours {o:.3f} <= {lim}", None if math.isnan(o) else o <= lim))
+        ratio = r["train_ratio"]
+        checks.append((f"{name}: train time ratio {ratio:.3f} <= {TRAIN_RATIO}", None if math.isnan(ratio) else ratio <= TRAIN_RATIO))
+        ms = r["sample_ms_ours"]
+        checks.append((f"{name}: sampling {ms:.1f} ms < {SAMPLE_MS} ms", None if math.isnan(ms) else ms < SAMPLE_MS))
+    print("\nTargets:")
+    for text, ok in checks:
+        print(f"  {'PASS' if ok else 'n/a ' if ok is None else 'FAIL'}  {text}")
+    passed = all(ok is not False for _, ok in checks)
+    print(f"{'all targets met' if passed else 'some targets missed'} "
+          f"({sum(ok is True for _, ok in checks)} pass, {sum(ok is False for _, ok in checks)} fail, "
+          f"{sum(ok is None for _, ok in checks)} not measured)")
+    return passed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--observations", type=int, default=5, help="observations per task (default: %(default)s)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of ours,sbi")
+    ap.add_argument("--workdir", default="/tmp/sbipipe-npe-vs-sbi", help="cache and output folder (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--report-only", action="store_true", help="print the table from the cache, compute nothing")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 if a target is missed")
+    args = ap.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
+    budgets = [int(float(b)) for b in args.budgets.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m]
+    if bad := [t for t in tasks if t not in TASKS]:
+        ap.error(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    if bad := [m for m in methods if m not in METHODS]:
+        ap.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if args.observations < 1:
+        ap.error("--observations must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = Results(workdir / "results.json")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; work folder {workdir}")
+    if not args.report_only:
+        for task in tasks:
+            for budget in budgets:
+                for method in methods:
+                    run_one(results, workdir, task, budget, method, args.observations)
+    rows = table(results, tasks, budgets, args.observations)
+    print()
+    print(write_report(rows, workdir, args.observations))
+    print(f"\nwritten: {workdir / 'results.csv'}, {workdir / 'results.md'}")
+    passed = check_targets(rows)
+    sys.exit(1 if args.strict and not passed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+r"""Conditional normalising-flow posterior estimators q(θ | x) (neural posterior estimation,
+Papamakarios & Murray 2016; Greenberg et al. 2019) built from zuko flows.
+
+Parameters are mapped to an unconstrained space before the flow: per dimension, θ = lo + (hi − lo)
+σ(u) on an interval, θ = lo + e^u (or hi − e^u) on a half-line, θ = u on the real line; u is then
+standardised. Samples are pushed back through the same map, so they never leave the prior's
+support, and densities carry the Jacobian:
+
+    log q(θ | x) = log q_z(z | e(x)) − Σ log s_u − log |dθ/du|,   z = (u − m_u) / s_u.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import zuko
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .errors import SbipipeError
+from .nets import auto_embedding, build_embedding
+
+__all__ = ["FLOWS", "FlowPosterior", "SupportMap", "prior_bounds"]
+
+FLOWS = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF, "naf": zuko.flows.NAF}
+_EPS = 1e-6
+
+
+class _FunctionalWithFastSoftmax(types.ModuleType):
+    """``torch.nn.functional`` for zuko's spline transforms, with a softmax that is ~3× faster on
+    CPU for their short last axis (8 bins): PyTorch's CPU kernel is slow for small, strided rows,
+    and it took 55 % of the time of drawing NSF samples (measured on torch 2.13)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(F, name)
+
+    @staticmethod
+    def softmax(x: Tensor, dim: int = -1, **kwargs: Any) -> Tensor:
+        if x.is_cuda or kwargs:
+            return F.softmax(x, dim=dim, **kwargs)
+        e = (x - x.amax(dim, keepdim=True)).exp()
+        return e / e.sum(dim, keepdim=True)
+
+
+if getattr(zuko.transforms, "F", None) is F:
+    zuko.transforms.F = _FunctionalWithFastSoftmax("torch.nn.functional")
+
+
+def prior_bounds(prior: torch.distributions.Distribution, dim: int) -> tuple[Tensor, Tensor]:
+    """Per-parameter lower and upper bounds of a prior's support (±inf where unbounded)."""
+    support = prior.support
+    base = getattr(support, "base_constraint", support)
+    lo = getattr(base, "lower_bound", -math.inf)
+    hi = getattr(base, "upper_bound", math.inf)
+    lo = torch.as_tensor(lo, dtype=torch.float64).expand(dim).clone()
+    hi = torch.as_tensor(hi, dtype=torch.float64).expand(dim).clone()
+    return lo, hi
+
+
+class SupportMap(nn.Module):
+    """Elementwise bijection u ∈ ℝ^D → θ in the box [lo, hi] (some ends may be infinite)."""
+
+    def __init__(self, lower: Tensor, upper: Tensor):
+        super().__init__()
+        self.register_buffer("lower", lower.double())
+        self.register_buffer("upper", upper.double())
+
+    def _kinds(self) -> tuple[Tensor, Tensor, Tensor]:
+        lo_f, hi_f = torch.isfinite(self.lower), torch.isfinite(self.upper)
+        return lo_f & hi_f, lo_f & ~hi_f, ~lo_f & hi_f
+
+    def inverse(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """``u = T⁻¹(θ)`` and ``log |dθ/du|`` summed over dimensions."""
+        t = theta.double()
+        box, low, high = self._kinds()
+        lo = torch.where(torch.isfinite(self.lower), self.lower, 0.0)
+        hi = torch.where(torch.isfinite(self.upper), self.upper, 1.0)
+        width = torch.where(box, hi - lo, 1.0)
+        p = ((t - lo) / width).clamp(_EPS, 1 - _EPS)
+        u_box = torch.log(p) - torch.log1p(-p)
+        u_low = torch.log((t - lo).clamp_min(_EPS))
+        u_high = torch.log((hi - t).clamp_min(_EPS))
+        u = torch.where(box, u_box, torch.where(low, u_low, torch.where(high, u_high, t)))
+        return u, self._log_jacobian(u)
+
+    def forward(self, u: Tensor) -> Tensor:
+        u = u.double()
+        box, low, high = self._kinds()
+        lo = torch.where(torch.isfinite(self.lower), self.lower, 0.0)
+        hi = torch.where(torch.isfinite(self.upper), self.upper, 1.0)
+        theta = torch.where(
+            box, lo + (hi - lo) * torch.sigmoid(u), torch.where(low, lo + u.exp(), torch.where(high, hi - u.exp(), u))
+        )
+        return torch.maximum(torch.minimum(theta, self.upper), self.lower)
+
+    def _log_jacobian(self, u: Tensor) -> Tensor:
+        box, low, high = self._kinds()
+        width = torch.where(box, self.upper - self.lower, 1.0)
+        lj = torch.where(box, torch.log(width) + F.logsigmoid(u) + F.logsigmoid(-u), torch.where(low | high, u, 0.0))
+        return lj.sum(-1)
+
+
+class FlowPosterior(nn.Module):
+    """One NPE member: standardisation, an embedding network and a conditional zuko flow."""
+
+    def __init__(
+        self,
+        theta_dim: int,
+        x_shape: Sequence[int],
+        lower: Tensor,
+        upper: Tensor,
+        flow: str = "nsf",
+        embedding: str = "auto",
+        transforms: int = 5,
+        hidden: int = 64,
+        passes: int | None = 2,
+        **flow_kwargs: Any,
+    ):
+        super().__init__()
+        if flow not in FLOWS:
+            raise SbipipeError(f"unknown estimator {flow!r}; choose one of {', '.join(FLOWS)}")
+        self.x_shape = tuple(int(s) for s in x_shape)
+        self.embedding_kind = auto_embedding(self.x_shape) if embedding == "auto" else embedding
+        self.support = SupportMap(lower, upper)
+        self.embedding = build_embedding(self.embedding_kind, self.x_shape)
+        # passes=2: coupling layers, so sampling costs two network passes per transform instead of D
+        self.flow = FLOWS[flow](
+            theta_dim, self.embedding.out_features, transforms=transforms, hidden_features=(hidden, hidden),
+            passes=min(passes or theta_dim, theta_dim), **flow_kwargs,
+        )
+        self.register_buffer("u_mean", torch.zeros(theta_dim))
+        self.register_buffer("u_std", torch.ones(theta_dim))
+        self.register_buffer("x_mean", torch.zeros(self._x_stat_shape()))
+        self.register_buffer("x_std", torch.ones(self._x_stat_shape()))
+
+    def _x_stat_shape(self) -> tuple[int, ...]:
+        if self.embedding_kind in ("identity", "mlp"):
+            return self.x_shape
+        if self.embedding_kind == "deepset":
+            return (self.x_shape[-1],)
+        return ()  # images: one mean and scale, keeping spatial structure
+
+    @torch.no_grad()
+    def fit_standardization(self, theta: Tensor, x: Tensor) -> None:
+        """Set the standardisation statistics from (a sample of) the training set."""
+        u, _ = self.support.inverse(theta)
+        self.u_mean.copy_(u.mean(0).float())
+        self.u_std.copy_(u.std(0).clamp_min(1e-6).float())
+        x = x.double()
+        if self.embedding_kind == "deepset":
+            mask = x[..., -1:]
+            n = mask.sum((0, 1)).clamp_min(1)
+            mean = (x * mask).sum((0, 1)) / n
+            std = (((x - mean) ** 2 * mask).sum((0, 1)) / n).sqrt()
+            mean[-1], std[-1] = 0.0, 1.0  # the mask passes through
+        elif self.x_mean.ndim == 0:
+            mean, std = x.mean(), x.std()
+        else:
+            mean, std = x.mean(0), x.std(0)
+        self.x_mean.copy_(mean.float())
+        self.x_std.copy_(std.clamp_min(1e-6).float())
+
+    def context(self, x: Tensor) -> Tensor:
+        x = (x - self.x_mean) / self.x_std
+        if self.embedding_kind == "deepset":
+            x = x * x[..., -1:]  # keep padding rows at exactly zero
+        return self.embedding(x)
+
+    def loss(self, theta: Tensor, x: Tensor) -> Tensor:
+        """Mean negative log density of the standardised unconstrained parameters."""
+        u, _ = self.support.inverse(theta)
+        z = ((u.float() - self.u_mean) / self.u_std)
+        return -self.flow(self.context(x)).log_prob(z).mean()
+
+    def log_prob(self, theta: Tensor, x: Tensor) -> Tensor:
+        """log q(θ | x) for pairs ``theta [B, D]``, ``x [B, ...]``."""
+        u, log_jac = self.support.inverse(theta)
+        z = (u.float() - self.u_mean) / self.u_std
+        lp = self.flow(self.context(x)).log_prob(z).double()
+        return lp - self.u_std.double().log().sum() - log_jac
+
+    def sample(self, x: Tensor, n: int) -> Tensor:
+        """``n`` draws for each of ``x [M, ...]``: ``[M, n, D]``."""
+        z = self.flow(self.context(x)).sample((n,))  # [n, M, D]
+        u = z * self.u_std + self.u_mean
+        return self.support(u).float().transpose(0, 1)

@@ -1,0 +1,122 @@
+"""Embedding networks that compress observations before the flow, chosen from the observation shape.
+
+* ``identity`` — small vectors go to the flow as they are (standardised);
+* ``mlp`` — vectors: a two-layer MLP;
+* ``cnn`` — 2-D fields and images ``[H, W]`` (or ``[C, H, W]``): strided convolutions, optionally
+  with circular padding for periodic fields, then global average pooling;
+* ``deepset`` — variable-size sets ``[n_max, F + 1]`` whose last column is a 0/1 mask
+  (Zaheer et al. 2017): a per-element MLP, masked mean pooling plus log(count), and an MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SbipipeError
+
+__all__ = ["EMBEDDINGS", "CNNEmbedding", "DeepSetEmbedding", "IdentityEmbedding", "MLPEmbedding", "auto_embedding", "build_embedding"]
+
+EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "deepset")
+
+
+class IdentityEmbedding(nn.Module):
+    def __init__(self, x_shape: Sequence[int]):
+        super().__init__()
+        self.out_features = math.prod(x_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+class MLPEmbedding(nn.Module):
+    def __init__(self, x_shape: Sequence[int], hidden: int = 128, out_features: int = 32):
+        super().__init__()
+        self.out_features = out_features
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(x_shape), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class CNNEmbedding(nn.Module):
+    """Conv(3×3) blocks halving the resolution down to ≤ 8×8, global average pool, linear head."""
+
+    def __init__(self, x_shape: Sequence[int], channels: int = 16, out_features: int = 32, circular: bool = False):
+        super().__init__()
+        shape = tuple(x_shape)
+        self.add_channel = len(shape) == 2
+        c_in, h = (1 if self.add_channel else shape[0]), min(shape[-2:])
+        pad = "circular" if circular else "zeros"
+        layers: list[nn.Module] = []
+        c = channels
+        layers += [nn.Conv2d(c_in, c, 3, padding=1, padding_mode=pad), nn.SiLU()]
+        while h > 8:
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, padding_mode=pad), nn.SiLU()]
+            c, h = 2 * c, (h + 1) // 2
+        layers += [nn.Conv2d(c, c, 3, padding=1, padding_mode=pad), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(c, 2 * out_features), nn.SiLU(), nn.Linear(2 * out_features, out_features))
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.add_channel:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x))
+
+
+class DeepSetEmbedding(nn.Module):
+    """Permutation-invariant set embedding with a mask in the last column (Zaheer et al. 2017)."""
+
+    def __init__(self, x_shape: Sequence[int], hidden: int = 64, out_features: int = 32):
+        super().__init__()
+        features = x_shape[-1] - 1
+        self.phi = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.rho = nn.Sequential(nn.Linear(hidden + 1, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        values, mask = x[..., :-1], x[..., -1:]
+        count = mask.sum(-2).clamp_min(1.0)
+        pooled = (self.phi(values) * mask).sum(-2) / count
+        return self.rho(torch.cat([pooled, count.log()], -1))
+
+
+def auto_embedding(x_shape: Sequence[int]) -> str:
+    """``identity`` for vectors up to 64 numbers, ``mlp`` for longer ones, ``deepset`` for
+    ``[n, F ≤ 8]`` sets, ``cnn`` for 2-D fields and images."""
+    shape = tuple(x_shape)
+    if len(shape) == 1:
+        return "identity" if shape[0] <= 64 else "mlp"
+    if len(shape) == 2 and shape[1] <= 8 and shape[0] > shape[1]:
+        return "deepset"
+    if len(shape) in (2, 3):
+        return "cnn"
+    raise SbipipeError(f"no automatic embedding for observations of shape {list(shape)}; choose one of {EMBEDDINGS}")
+
+
+def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Module:
+    """An embedding network by name (see :data:`EMBEDDINGS`)."""
+    if kind == "auto":
+        kind = auto_embedding(x_shape)
+    shape = tuple(x_shape)
+    if kind == "identity":
+        return IdentityEmbedding(shape)
+    if kind == "mlp":
+        return MLPEmbedding(shape, **kwargs)
+    if kind in ("cnn", "cnn-circular"):
+        if len(shape) not in (2, 3):
+            raise SbipipeError(f"the cnn embedding needs [H, W] or [C, H, W] observations, got {list(shape)}")
+        return CNNEmbedding(shape, circular=kind == "cnn-circular", **kwargs)
+    if kind == "deepset":
+        if len(shape) != 2:
+            raise SbipipeError(f"the deepset embedding needs [n, features + mask] observations, got {list(shape)}")
+        return DeepSetEmbedding(shape, **kwargs)
+    raise SbipipeError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)}")

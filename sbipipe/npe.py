@@ -1,0 +1,167 @@
+"""Train a neural posterior estimator (an ensemble of conditional flows) from a simulation bank."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .atomic import atomic_path
+from .bank import SimulationBank
+from .errors import SbipipeError
+from .estimators import FLOWS, prior_bounds
+from .nets import EMBEDDINGS, auto_embedding
+from .posterior import Posterior, build_member
+from .registry import get_simulator
+from .simulator import describe_distribution
+from .store import package_versions, write_model
+from .training import TensorData, TrainConfig, fit, resolve_device
+
+__all__ = ["default_batch_size", "train_posterior"]
+
+IN_MEMORY_BYTES = 4 * 2**30  # banks larger than this are streamed from disk
+MIN_ROWS = 50
+
+
+class BankStream:
+    """Shuffled batches of one split of a bank read from disk (for banks larger than memory)."""
+
+    def __init__(self, bank: SimulationBank, split: str):
+        self.bank, self.split = bank, split
+
+    def batches(self, batch_size: int, generator: torch.Generator | None, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        seed = int(torch.randint(0, 2**31, (1,), generator=generator)) if generator is not None else 0
+        yield from self.bank.batches(batch_size, split=self.split, shuffle=generator is not None, seed=seed)
+
+
+def default_batch_size(n_train: int) -> int:
+    """About 50 steps per epoch, between 64 and 512."""
+    return int(min(512, max(64, n_train // 50)))
+
+
+def train_posterior(
+    bank_path: str | os.PathLike,
+    output: str | os.PathLike,
+    estimator: str = "nsf",
+    embedding: str = "auto",
+    ensemble: int = 1,
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    seed: int = 0,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    stream: bool | None = None,
+    train_options: dict[str, Any] | None = None,
+    **flow_kwargs: Any,
+) -> Posterior:
+    """Train ``ensemble`` flows on the bank and write the model directory ``output``."""
+    if estimator not in FLOWS:
+        raise SbipipeError(f"unknown estimator {estimator!r}; choose one of {', '.join(FLOWS)}")
+    if embedding not in EMBEDDINGS:
+        raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
+    if ensemble < 1:
+        raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
+    dev = resolve_device(device)
+    bank = SimulationBank(bank_path)
+    if bank.rows < MIN_ROWS:
+        raise SbipipeError(f"{str(bank_path)!r} holds {bank.rows} rows; train on at least {MIN_ROWS} (simulate more)")
+    sim = get_simulator(bank.simulator_name)
+    if str(sim.version) != bank.simulator_version:
+        raise SbipipeError(
+            f"{str(bank_path)!r} was simulated with {bank.simulator_name} v{bank.simulator_version} but the simulator "
+            f"is now v{sim.version}; simulate a new bank"
+        )
+    out = Path(output)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    nbytes = bank.rows * 4 * (sim.dim + int(torch.tensor(bank.x_shape).prod()))
+    stream = nbytes > IN_MEMORY_BYTES if stream is None else stream
+    if stream:
+        train, val = BankStream(bank, "train"), BankStream(bank, "val")
+        n_train = len(bank.split_indices("train"))
+        theta_fit, x_fit = next(iter(bank.batches(min(bank.rows, 100_000), split="train", seed=seed)))
+    else:
+        theta_t, x_t = bank.load("train")
+        theta_v, x_v = bank.load("val")
+        train, val, n_train = TensorData(theta_t, x_t), TensorData(theta_v, x_v), len(theta_t)
+        theta_fit, x_fit = theta_t[:100_000], x_t[:100_000]
+    lower, upper = prior_bounds(sim.prior, sim.dim)
+    kind = auto_embedding(bank.x_shape) if embedding == "auto" else embedding
+    config = TrainConfig(
+        max_epochs=max_epochs or 500, batch_size=batch_size or default_batch_size(n_train), device=str(dev), seed=seed,
+        threads=1 if kind in ("identity", "mlp", "deepset") else None,
+        **(train_options or {}),
+    )
+    card: dict[str, Any] = {
+        "simulator": bank.simulator_name,
+        "simulator_version": bank.simulator_version,
+        "parameter_names": bank.parameter_names,
+        "observation_shape": list(bank.x_shape),
+        "prior": describe_distribution(sim.prior),
+        "prior_bounds": {"lower": lower.tolist(), "upper": upper.tolist()},
+        "architecture": {
+            "kind": "npe",
+            "estimator": estimator,
+            "embedding": kind,
+            "ensemble": ensemble,
+            "flow_kwargs": flow_kwargs,
+        },
+        "training": {
+            "bank": str(Path(bank_path).resolve()),
+            "bank_sha256": bank.content_hash(),
+            "rows": bank.rows,
+            "train_rows": n_train,
+            "streamed": stream,
+            "config": {**config.__dict__},
+            "device": str(dev),
+        },
+        "packages": package_versions(),
+    }
+    members, histories, t0 = [], [], time.perf_counter()
+    for k in range(ensemble):
+        torch.manual_seed(seed + k)  # seeded initial weights: the same command trains the same model
+        member = build_member(card)
+        done = ckpt_dir / f"member{k}.safetensors"
+        hist_path = ckpt_dir / f"member{k}.history.csv"
+        if resume and done.exists() and hist_path.exists():
+            member.load_state_dict(load_file(str(done)))
+            history = pd.read_csv(hist_path)
+        else:
+            member.fit_standardization(theta_fit, x_fit)
+            cfg = TrainConfig(**{**config.__dict__, "seed": seed + k})
+            report = (lambda row, k=k: progress(k, row)) if progress else None
+            history = fit(member, train, val, cfg, checkpoint=ckpt_dir / f"member{k}.pt", resume=resume, progress=report)
+            with atomic_path(done) as tmp:
+                save_file({n: t.detach().cpu().contiguous() for n, t in member.state_dict().items()}, str(tmp))
+            with atomic_path(hist_path) as tmp:
+                history.to_csv(tmp, index=False)
+        members.append(member.cpu().eval())
+        histories.append(history.assign(member=k))
+    history = pd.concat(histories, ignore_index=True)
+    card["training"]["seconds"] = round(time.perf_counter() - t0, 3)
+    card["training"]["final"] = [
+        {"member": k, "epochs": int(h["epoch"].max()), "best_val_loss": float(h["val_loss"].min()),
+         "final_train_loss": float(h["train_loss"].iloc[-1])}
+        for k, h in enumerate(histories)
+    ]
+    card["standardization"] = {
+        "theta_unconstrained_mean": members[0].u_mean.tolist(),
+        "theta_unconstrained_std": members[0].u_std.tolist(),
+        "x_mean": members[0].x_mean.flatten()[:64].tolist(),
+        "x_std": members[0].x_std.flatten()[:64].tolist(),
+    }
+    tensors = {f"member{k}.{name}": t for k, m in enumerate(members) for name, t in m.state_dict().items()}
+    write_model(out, tensors, card)
+    with atomic_path(out / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return Posterior(members, {"format": "sbipipe.model/1", **card})
