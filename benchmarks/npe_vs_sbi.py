@@ -180,7 +180,7 @@ class Method:
             from sbipipe.store import CARD
 
             return (self.model_path / CARD).exists()  # the card is written last
-        return self.model_path.exists()
+        return self.posterior is not None
 
     def train(self, bank: Path) -> float:
         if self.name == "ours":
@@ -210,10 +210,9 @@ class Method:
             writer.close()
             if chatter.getvalue().strip():
                 log(f"{self.task} n={self.budget} sbi: {' '.join(chatter.getvalue().split())}")
+            # kept in memory only: sbi posteriors would have to be pickled to be cached, and nothing
+            # here is read back by unpickling; an interrupted run retrains sbi for that budget
             self.posterior = inference.build_posterior(estimator)
-            tmp = self.model_path.with_name(self.model_path.name + ".tmp")
-            torch.save(self.posterior, tmp)
-            os.replace(tmp, self.model_path)
         return seconds
 
     def load(self) -> None:
@@ -224,7 +223,7 @@ class Method:
 
             self.posterior = load_posterior(self.model_path)
         else:
-            self.posterior = torch.load(self.model_path, weights_only=False)
+            raise RuntimeError("sbi posteriors are not cached; train first")
 
     def sample(self, x: torch.Tensor, n: int, seed: int | None = None) -> torch.Tensor:
         if self.name == "ours":

@@ -85,9 +85,10 @@ class Simulator:
             return self.prior.sample((n,)).to(torch.float32)
 
     def check_theta(self, theta: Any) -> Tensor:
-        """Return ``theta`` as float32 ``[B, D]``; raise if the shape is wrong, a value is not
-        finite, or a value lies outside the prior's support (naming the parameter)."""
-        theta = torch.as_tensor(theta, dtype=torch.float32)
+        """Return ``theta`` as float32 ``[B, D]`` on its device; raise if the shape is wrong, a
+        value is not finite, or a value lies outside the prior's support (naming the parameter).
+        The check runs on a CPU copy, where the prior lives."""
+        theta = torch.as_tensor(theta).to(torch.float32)
         if theta.ndim == 1:
             theta = theta.unsqueeze(0)
         d = self.dim
@@ -96,21 +97,22 @@ class Simulator:
                 f"{self.name}: expected theta of shape [B, {d}] for parameters "
                 f"{list(self.parameter_names)}, got {list(theta.shape)}"
             )
-        bad = ~torch.isfinite(theta)
+        values = theta.detach().cpu()
+        bad = ~torch.isfinite(values)
         support = self.prior.support
         base = getattr(support, "base_constraint", support)
         try:
-            inside = base.check(theta)
-            if inside.shape == theta.shape:
+            inside = base.check(values)
+            if inside.shape == values.shape:
                 bad |= ~inside
             else:  # a constraint on whole vectors (e.g. simplex): check rows only
-                bad |= ~support.check(theta).reshape(-1, 1).expand_as(theta)
+                bad |= ~support.check(values).reshape(-1, 1).expand_as(values)
         except (NotImplementedError, RuntimeError):
-            bad |= ~torch.isfinite(self.prior.log_prob(theta)).reshape(-1, 1).expand_as(theta)
+            bad |= ~torch.isfinite(self.prior.log_prob(values)).reshape(-1, 1).expand_as(values)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
             raise SbipipeError(
-                f"{self.name}: parameter {self.parameter_names[col]!r} = {theta[row, col].item():.6g} "
+                f"{self.name}: parameter {self.parameter_names[col]!r} = {values[row, col].item():.6g} "
                 f"(row {row}) is outside the prior support {_describe_support(base, col)}; "
                 "give values inside the prior"
             )

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import constraints
 
 from sbipipe.simulator import Simulator
 
@@ -79,28 +78,8 @@ class DeviceCache:
         return len(self._store)
 
 
-def _support_kind(sim: Simulator) -> tuple[str, Tensor | None, Tensor | None]:
-    """How to check θ against the prior's support per element: ``("box", low, high)`` for a closed
-    interval (float32 CPU bounds broadcastable to [D]), ``("real", None, None)`` for the real line,
-    ``("other", None, None)`` otherwise."""
-    support = sim.prior.support
-    base = getattr(support, "base_constraint", support)
-    if type(base) is constraints._Interval:
-        lo = torch.as_tensor(base.lower_bound, dtype=torch.float32)
-        hi = torch.as_tensor(base.upper_bound, dtype=torch.float32)
-        return "box", lo, hi
-    if type(base) is constraints._Real:
-        return "real", None, None
-    return "other", None, None
-
-
 class DeviceSimulator(Simulator):
-    """:class:`Simulator` whose ``check_theta`` also accepts θ on an accelerator.
-
-    The prior's tensors stay on the CPU; for θ elsewhere a box prior's bounds are copied to θ's
-    device once (cached) and checked there. θ that fails (or a prior whose support is neither a
-    box nor the real line) is checked on a CPU copy by the base class, which raises the usual
-    message. CPU θ takes the base class's path unchanged."""
+    """:class:`Simulator` with a per-instance :class:`DeviceCache` for tensors copied to θ's device."""
 
     @property
     def _device_cache(self) -> DeviceCache:
@@ -108,26 +87,3 @@ class DeviceSimulator(Simulator):
         if cache is None:
             cache = self.__dict__["_device_cache_store"] = DeviceCache()
         return cache
-
-    def check_theta(self, theta: Any) -> Tensor:
-        theta = torch.as_tensor(theta)
-        if theta.device.type == "cpu":
-            return super().check_theta(theta)
-        theta = theta.to(torch.float32)
-        if theta.ndim == 1:
-            theta = theta.unsqueeze(0)
-        ok = theta.ndim == 2 and theta.shape[1] == self.dim
-        kind, low, high = _support_kind(self)
-        if ok and kind != "other":
-            inside = torch.isfinite(theta)
-            if kind == "box":
-                cache = self._device_cache
-                low = cache.get("check_theta.low", low, theta.device)
-                high = cache.get("check_theta.high", high, theta.device)
-                inside = inside & (low <= theta) & (theta <= high)
-            ok = bool(inside.all())
-        else:
-            ok = False
-        if not ok:
-            super().check_theta(theta.detach().cpu())  # raises with the parameter's name
-        return theta
