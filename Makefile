@@ -21,8 +21,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sbipipe simulators
-	$(BIN)/sbipipe simulate two_moons -n 100000 -o demo-out/two_moons.h5 --seed 1
+	$(BIN)/sbipipe simulate two_moons -n 20000 -o demo-out/two_moons.h5 --seed 1
 	$(BIN)/sbipipe bank info demo-out/two_moons.h5
+	$(BIN)/sbipipe train demo-out/two_moons.h5 -o demo-out/two_moons-npe
+	$(BIN)/sbipipe observe two_moons --theta 0.3,-0.2 -o demo-out/obs.npy --seed 7
+	$(BIN)/sbipipe sample demo-out/two_moons-npe --observation demo-out/obs.npy -n 10000 -o demo-out/samples.h5 --plot demo-out/corner.png
 	$(BIN)/sbipipe simulate cosmo_lognormal -n 2000 -o demo-out/cosmo_lognormal.h5 --seed 1
 	$(BIN)/sbipipe bank info demo-out/cosmo_lognormal.h5
 

@@ -205,9 +205,9 @@ def sample_cmd(
     except SbipipeError as exc:
         if "unknown simulator" not in str(exc) and "cannot import" not in str(exc):
             raise
-        from .observations import _read_array
+        from .observations import read_array
 
-        x = check_observation(_read_array(Path(observation)), post.observation_shape, post.simulator_name)
+        x = check_observation(read_array(Path(observation)), post.observation_shape, post.simulator_name)
     samples = post.sample(x, n, seed=seed)  # [M, n, D]
     samples = samples[0] if len(x) == 1 else samples
     attrs = {"model": str(model), "observation": str(observation), "simulator": post.simulator_name,

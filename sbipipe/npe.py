@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from .simulator import describe_distribution
 from .store import package_versions, write_model
 from .training import TensorData, TrainConfig, fit, resolve_device
 
-__all__ = ["default_batch_size", "train_posterior"]
+__all__ = ["default_batch_size", "default_max_epochs", "train_posterior"]
 
 IN_MEMORY_BYTES = 4 * 2**30  # banks larger than this are streamed from disk
 MIN_ROWS = 50
@@ -45,6 +46,13 @@ class BankStream:
 def default_batch_size(n_train: int) -> int:
     """About 50 steps per epoch, between 64 and 512."""
     return int(min(512, max(64, n_train // 50)))
+
+
+def default_max_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs for a budget of n/2 optimiser steps (1,500 to 8,000), over which the learning rate
+    decays to zero on a cosine; early stopping may end sooner."""
+    steps = min(8000, max(1500, n_train // 2))
+    return int(min(500, max(20, math.ceil(steps / math.ceil(n_train / batch_size)))))
 
 
 def train_posterior(
@@ -96,8 +104,10 @@ def train_posterior(
         theta_fit, x_fit = theta_t[:100_000], x_t[:100_000]
     lower, upper = prior_bounds(sim.prior, sim.dim)
     kind = auto_embedding(bank.x_shape) if embedding == "auto" else embedding
+    batch_size = batch_size or default_batch_size(n_train)
     config = TrainConfig(
-        max_epochs=max_epochs or 500, batch_size=batch_size or default_batch_size(n_train), device=str(dev), seed=seed,
+        max_epochs=max_epochs or default_max_epochs(n_train, batch_size), batch_size=batch_size, device=str(dev),
+        seed=seed,
         threads=1 if kind in ("identity", "mlp", "deepset") else None,
         **(train_options or {}),
     )

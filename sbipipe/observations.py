@@ -20,7 +20,7 @@ from .atomic import atomic_path, atomic_write_text
 from .errors import SbipipeError
 from .simulator import Simulator
 
-__all__ = ["load_observation", "parse_theta", "save_observation", "truth_path"]
+__all__ = ["load_observation", "parse_theta", "read_array", "save_observation", "truth_path"]
 
 
 def truth_path(path: str | os.PathLike) -> Path:
@@ -29,7 +29,7 @@ def truth_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name.rsplit(".", 1)[0] + ".truth.json")
 
 
-def _read_array(path: Path) -> np.ndarray:
+def read_array(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return np.load(path, allow_pickle=False)
@@ -58,7 +58,7 @@ def load_observation(path: str | os.PathLike, simulator: Simulator) -> Tensor:
     if not path.is_file():
         raise SbipipeError(f"observation file {str(path)!r} does not exist")
     try:
-        arr = _read_array(path)
+        arr = read_array(path)
     except SbipipeError:
         raise
     except (OSError, ValueError) as exc:
