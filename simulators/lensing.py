@@ -102,7 +102,18 @@ class _OnDevice:
         return tuple(cache.get(name, getattr(self, name), device) for name in names)
 
 
-class TruncatedNormal(_OnDevice, Distribution):
+class _BoundedMarginal(_OnDevice, Distribution):
+    """A 1-D distribution on the interval [low, high]."""
+
+    low: Tensor
+    high: Tensor
+
+    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    def support(self) -> constraints.Constraint:
+        return constraints.interval(self.low, self.high)
+
+
+class TruncatedNormal(_BoundedMarginal):
     r"""N(loc, scale²) restricted to [low, high]: p(x) = φ(z) / (scale · Z), z = (x − loc)/scale,
     Z = Φ(b) − Φ(a), a, b = (low − loc)/scale, (high − loc)/scale.
 
@@ -126,10 +137,6 @@ class TruncatedNormal(_OnDevice, Distribution):
         self._Z = _ndtr(self._b) - _ndtr(self._a)
         self._log_Z = self._Z.log().to(self.loc.dtype)
         super().__init__(self.loc.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=False, event_dim=0)
-    def support(self) -> constraints.Constraint:
-        return constraints.interval(self.low, self.high)
 
     def log_prob(self, value: Tensor) -> Tensor:
         value = torch.as_tensor(value)
@@ -184,7 +191,7 @@ class TruncatedNormal(_OnDevice, Distribution):
         return f"TruncatedNormal({args})"
 
 
-class LogUniform(_OnDevice, Distribution):
+class LogUniform(_BoundedMarginal):
     r"""p(x) = 1 / (x log(high/low)) on [low, high]: log x ~ U[log low, log high]."""
 
     arg_constraints = {"low": constraints.positive, "high": constraints.positive}
@@ -195,10 +202,6 @@ class LogUniform(_OnDevice, Distribution):
         if not bool((self.low < self.high).all()):
             raise ValueError("LogUniform: low must be < high")
         super().__init__(self.low.shape, validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=False, event_dim=0)
-    def support(self) -> constraints.Constraint:
-        return constraints.interval(self.low, self.high)
 
     def log_prob(self, value: Tensor) -> Tensor:
         value = torch.as_tensor(value)
