@@ -195,19 +195,14 @@ def sample_cmd(
     from .posterior import load_posterior
     from .registry import get_simulator
     from .samples import summary_path, write_samples
-    from .simulator import check_observation
 
     post = load_posterior(model, device=device)
     check_writable(output)
     try:
         sim = get_simulator(post.simulator_name)
-        x = load_observation(observation, sim)
-    except SbipipeError as exc:
-        if "unknown simulator" not in str(exc) and "cannot import" not in str(exc):
-            raise
-        from .observations import read_array
-
-        x = check_observation(read_array(Path(observation)), post.observation_shape, post.simulator_name)
+    except SbipipeError:  # e.g. a user simulator not importable here: check against the model's shape
+        sim = None
+    x = load_observation(observation, sim, post.observation_shape, post.simulator_name)
     samples = post.sample(x, n, seed=seed)  # [M, n, D]
     samples = samples[0] if len(x) == 1 else samples
     attrs = {"model": str(model), "observation": str(observation), "simulator": post.simulator_name,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .atomic import atomic_path, atomic_write_text
 from .errors import SbipipeError
-from .simulator import Simulator
+from .simulator import Simulator, check_observation
 
 __all__ = ["load_observation", "parse_theta", "read_array", "save_observation", "truth_path"]
 
@@ -49,11 +49,13 @@ def read_array(path: Path) -> np.ndarray:
     raise SbipipeError(f"{str(path)!r}: unknown observation format {suffix!r}; use .npy, .csv or .h5")
 
 
-def load_observation(path: str | os.PathLike, simulator: Simulator) -> Tensor:
-    """An observation file as float32 ``[M, *observation_shape]``, validated by the simulator.
+def load_observation(path: str | os.PathLike, simulator: Simulator | None = None,
+                     shape: tuple[int, ...] | None = None, name: str = "observation") -> Tensor:
+    """An observation file as float32 ``[M, *observation_shape]``, validated by the simulator (or,
+    without one, checked against ``shape``: finite, real, the right shape).
 
     A CSV file holds one flattened observation per row (or one observation of a vector simulator
-    per row); it is reshaped to the simulator's observation shape."""
+    per row); it is reshaped to the observation shape."""
     path = Path(path)
     if not path.is_file():
         raise SbipipeError(f"observation file {str(path)!r} does not exist")
@@ -64,8 +66,8 @@ def load_observation(path: str | os.PathLike, simulator: Simulator) -> Tensor:
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SbipipeError(f"cannot read observation {str(path)!r}: {first}") from None
+    shape = tuple(simulator.observation_shape) if simulator is not None else tuple(shape or ())
     if path.suffix.lower() == ".csv":
-        shape = simulator.observation_shape
         size = int(np.prod(shape))
         if arr.size % size:
             raise SbipipeError(
@@ -73,7 +75,9 @@ def load_observation(path: str | os.PathLike, simulator: Simulator) -> Tensor:
                 f"(observations of shape {list(shape)}, one per row)"
             )
         arr = arr.reshape(-1, *shape)
-    return simulator.validate_observation(arr)
+    if simulator is not None:
+        return simulator.validate_observation(arr)
+    return check_observation(arr, shape, name)
 
 
 def save_observation(path: str | os.PathLike, x: Tensor, truth: dict[str, Any] | None = None) -> Path:
