@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class TensorData:
         order = torch.randperm(self.n, generator=generator) if generator is not None else torch.arange(self.n)
         for i in range(0, self.n, batch_size):
             idx = order[i : i + batch_size]
-            yield tuple(t[idx].to(device, non_blocking=True) for t in self.tensors)
+            yield tuple(t[idx] for t in self.tensors)  # the loop moves batches to the device
 
 
 def _to(batch: Iterable[Tensor], device: torch.device) -> tuple[Tensor, ...]:
@@ -211,7 +211,3 @@ def _load_checkpoint(path: Path, module: nn.Module, opt: Any, sched: Any, gen: t
     state = dict(payload["state"])
     state["best_weights"] = payload["best_weights"]
     return state
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)
