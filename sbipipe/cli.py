@@ -224,6 +224,9 @@ def sample_cmd(
     _print_summary(table)
 
 
+# --- command groups of feature modules: one `app.add_typer(...)` line each, below this marker ---
+
+
 def _print_summary(table) -> None:
     many = table["observation"].nunique() > 1
     view = Table(*(["obs"] if many else []), "parameter", "mean", "std", "5%", "50%", "95%", box=None)
