@@ -142,7 +142,7 @@ def reference_cmd(
         "tau": diag["tau"], "simulator": sim.name, "simulator_version": str(sim.version),
         "observation": str(observation), "kind": "reference",
     }
-    table = write_samples(output, ref.samples, list(sim.parameter_names), attrs)
+    table = write_samples(output, ref.samples, list(sim.parameter_names), attrs, datasets={"observation": x[0]})
     if diag["warnings"]:
         print(f"sbipipe: warning: {diag['warnings']}", file=sys.stderr)
     out.print(f"{output}: {n} samples; {diag['walkers']} walkers x {diag['steps']} steps, "
@@ -155,8 +155,8 @@ def reference_cmd(
 def train_cmd(
     bank: Annotated[Path, typer.Argument(help="Simulation bank (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
-    estimator: Annotated[str, typer.Option(help="Flow: nsf, maf or naf.")] = "nsf",
-    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular or deepset.")] = "auto",
+    estimator: Annotated[str, typer.Option(help="nsf, maf or naf (flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "nsf",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power or deepset.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Number of estimators combined as a mixture.")] = 1,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: about 50 steps per epoch, 64 to 512.")] = None,
@@ -224,7 +224,54 @@ def sample_cmd(
     _print_summary(table)
 
 
+@app.command("validate")
+def validate_cmd(
+    model: Annotated[Path, typer.Argument(help="Model directory.")],
+    bank: Annotated[Path, typer.Option(help="Held-out test bank (.h5) of the model's simulator.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report directory to write.")],
+    reference: Annotated[Optional[list[Path]], typer.Option(help="Reference posterior samples (.h5) from `sbipipe reference`; repeatable.")] = None,
+    observation: Annotated[Optional[list[Path]], typer.Option(help="Observation for a posterior predictive check; repeatable.")] = None,
+    n_sims: Annotated[int, typer.Option(help="Test simulations used (the bank's first rows).")] = 1000,
+    n_samples: Annotated[int, typer.Option(help="Posterior draws per test simulation.")] = 1000,
+    c2st_max: Annotated[float, typer.Option(help="Gate: largest mean C2ST against the references.")] = 0.65,
+    seed: Annotated[int, typer.Option(help="Seed of the posterior draws.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+) -> None:
+    """Validate a model (SBC, expected coverage, TARP, C2ST, predictive checks); exit 4 if the gate fails."""
+    from .progress import row_progress
+    from .validation import Gate, validate_model
+
+    with row_progress("validate") as update:
+        summary = validate_model(model, bank, output, references=reference or (), observations=observation or (),
+                                 n_sims=n_sims, n_samples=n_samples, seed=seed, gate=Gate(c2st_max=c2st_max),
+                                 device=device, progress=update)
+    import pandas as pd
+
+    metrics = pd.read_csv(output / "metrics.csv").fillna("")
+    view = Table("metric", "parameter", "observation", "value", "threshold", "passed", box=None)
+    for _, row in metrics.iterrows():
+        thr = "" if row["threshold"] == "" else f"{float(row['threshold']):.3g}"
+        view.add_row(row["metric"], row["parameter"], str(row["observation"]), f"{row['value']:.4g}", thr,
+                     str(row["passed"]))
+    out.print(view)
+    for warning in summary["warnings"]:
+        print(f"sbipipe: warning: {warning}", file=sys.stderr)
+    verdict = "CALIBRATED" if summary["calibrated"] else "NOT CALIBRATED: " + "; ".join(summary["failing"])
+    out.print(f"{model}: {verdict} ({summary['n_sims']} test simulations x {summary['n_samples']} draws, "
+              f"{summary['seconds']:.1f} s); report in {output}")
+    if not summary["calibrated"]:
+        raise typer.Exit(4)
+
+
 # --- command groups of feature modules: one `app.add_typer(...)` line each, below this marker ---
+from .cli_source import prior_app as source_prior_app, source_posterior_cmd  # noqa: E402
+app.add_typer(source_prior_app, name="source-prior")
+app.command("source-posterior")(source_posterior_cmd)
+from .cli_compare import compare_app  # noqa: E402
+app.add_typer(compare_app, name="compare")
+from .cli_service import service_app  # noqa: E402  (server, flow, models, serve, submit)
+
+app.add_typer(service_app)
 
 
 def _print_summary(table) -> None:
@@ -259,7 +306,9 @@ def _fail(message: str, code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for bad input, 2 for usage, 130 on Ctrl-C."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns a command's typer.Exit code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

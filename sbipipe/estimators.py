@@ -7,6 +7,10 @@ standardised. Samples are pushed back through the same map, so they never leave 
 support, and densities carry the Jacobian:
 
     log q(θ | x) = log q_z(z | e(x)) − Σ log s_u − log |dθ/du|,   z = (u − m_u) / s_u.
+
+:class:`ConditionalEstimator` holds that map, the standardisation and the embedding network for
+every estimator (the flows here, the score and flow-matching estimators in ``score_posterior`` and
+``flow_matching``); subclasses only model q_z(z | e(x)).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.nn import functional as F
 from .errors import SbipipeError
 from .nets import auto_embedding, build_embedding
 
-__all__ = ["FLOWS", "FlowPosterior", "SupportMap", "prior_bounds"]
+__all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds"]
 
 FLOWS = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF, "naf": zuko.flows.NAF}
 _EPS = 1e-6
@@ -104,34 +108,18 @@ class SupportMap(nn.Module):
         return lj.sum(-1)
 
 
-class FlowPosterior(nn.Module):
-    """One NPE member: standardisation, an embedding network and a conditional zuko flow."""
+class ConditionalEstimator(nn.Module):
+    r"""What every posterior member shares: the support map, standardisation buffers of u and x,
+    and the embedding network. Subclasses model the standardised unconstrained parameters
+    z = (T⁻¹(θ) − m_u) / s_u given the context e(x), and provide ``loss``, ``log_prob`` and ``sample``."""
 
-    def __init__(
-        self,
-        theta_dim: int,
-        x_shape: Sequence[int],
-        lower: Tensor,
-        upper: Tensor,
-        flow: str = "nsf",
-        embedding: str = "auto",
-        transforms: int = 5,
-        hidden: int = 64,
-        passes: int | None = 2,
-        **flow_kwargs: Any,
-    ):
+    def __init__(self, theta_dim: int, x_shape: Sequence[int], lower: Tensor, upper: Tensor, embedding: str = "auto"):
         super().__init__()
-        if flow not in FLOWS:
-            raise SbipipeError(f"unknown estimator {flow!r}; choose one of {', '.join(FLOWS)}")
+        self.theta_dim = int(theta_dim)
         self.x_shape = tuple(int(s) for s in x_shape)
         self.embedding_kind = auto_embedding(self.x_shape) if embedding == "auto" else embedding
         self.support = SupportMap(lower, upper)
         self.embedding = build_embedding(self.embedding_kind, self.x_shape)
-        # passes=2: coupling layers, so sampling costs two network passes per transform instead of D
-        self.flow = FLOWS[flow](
-            theta_dim, self.embedding.out_features, transforms=transforms, hidden_features=(hidden, hidden),
-            passes=min(passes or theta_dim, theta_dim), **flow_kwargs,
-        )
         self.register_buffer("u_mean", torch.zeros(theta_dim))
         self.register_buffer("u_std", torch.ones(theta_dim))
         self.register_buffer("x_mean", torch.zeros(self._x_stat_shape()))
@@ -165,26 +153,68 @@ class FlowPosterior(nn.Module):
         self.x_std.copy_(std.clamp_min(1e-6).float())
 
     def context(self, x: Tensor) -> Tensor:
+        """The embedding e(x) of standardised observations ``x [B, ...]``: ``[B, C]``."""
         x = (x - self.x_mean) / self.x_std
         if self.embedding_kind == "deepset":
             x = x * x[..., -1:]  # keep padding rows at exactly zero
         return self.embedding(x)
 
+    def standardize(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """``z`` (float32) and ``log |dz/dθ|`` (float64, ``[B]``), so log q(θ) = log q_z(z) + that."""
+        u, log_jac = self.support.inverse(theta)
+        z = (u.float() - self.u_mean) / self.u_std
+        return z, -self.u_std.double().log().sum() - log_jac
+
+    def unstandardize(self, z: Tensor) -> Tensor:
+        """θ (float32) inside the prior's support for standardised unconstrained ``z``."""
+        return self.support(z * self.u_std + self.u_mean).float()
+
+
+class FlowPosterior(ConditionalEstimator):
+    """One NPE member: standardisation, an embedding network and a conditional zuko flow."""
+
+    def __init__(
+        self,
+        theta_dim: int,
+        x_shape: Sequence[int],
+        lower: Tensor,
+        upper: Tensor,
+        flow: str = "nsf",
+        embedding: str = "auto",
+        transforms: int = 5,
+        hidden: int = 64,
+        passes: int | None = 2,
+        **flow_kwargs: Any,
+    ):
+        if flow not in FLOWS:
+            raise SbipipeError(f"unknown estimator {flow!r}; choose one of {', '.join(FLOWS)}")
+        super().__init__(theta_dim, x_shape, lower, upper, embedding)
+        # passes=2: coupling layers, so sampling costs two network passes per transform instead of D
+        self.flow = FLOWS[flow](
+            theta_dim, self.embedding.out_features, transforms=transforms, hidden_features=(hidden, hidden),
+            passes=min(passes or theta_dim, theta_dim), **flow_kwargs,
+        )
+
     def loss(self, theta: Tensor, x: Tensor) -> Tensor:
         """Mean negative log density of the standardised unconstrained parameters."""
-        u, _ = self.support.inverse(theta)
-        z = ((u.float() - self.u_mean) / self.u_std)
+        z, _ = self.standardize(theta)
         return -self.flow(self.context(x)).log_prob(z).mean()
 
     def log_prob(self, theta: Tensor, x: Tensor) -> Tensor:
-        """log q(θ | x) for pairs ``theta [B, D]``, ``x [B, ...]``."""
-        u, log_jac = self.support.inverse(theta)
-        z = (u.float() - self.u_mean) / self.u_std
-        lp = self.flow(self.context(x)).log_prob(z).double()
-        return lp - self.u_std.double().log().sum() - log_jac
+        """log q(θ | x) for ``theta [..., B, D]`` and ``x [B, ...]``: ``[..., B]`` (leading draw
+        dimensions broadcast over the observations, which are embedded once)."""
+        z, log_det = self.standardize(theta)
+        return self.flow(self.context(x)).log_prob(z).double() + log_det
 
     def sample(self, x: Tensor, n: int) -> Tensor:
         """``n`` draws for each of ``x [M, ...]``: ``[M, n, D]``."""
         z = self.flow(self.context(x)).sample((n,))  # [n, M, D]
+        return self.unstandardize(z).transpose(0, 1)
+
+    def sample_and_log_prob(self, x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Draws ``[M, n, D]`` and their log q ``[M, n]`` in one pass through the flow."""
+        z, lp = self.flow(self.context(x)).rsample_and_log_prob((n,))  # [n, M, D], [n, M]
         u = z * self.u_std + self.u_mean
-        return self.support(u).float().transpose(0, 1)
+        theta = self.support(u).float()
+        lp = lp.double() - self.u_std.double().log().sum() - self.support._log_jacobian(u.double())
+        return theta.transpose(0, 1), lp.transpose(0, 1)

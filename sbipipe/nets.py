@@ -4,6 +4,10 @@
 * ``mlp`` — vectors: a two-layer MLP;
 * ``cnn`` — 2-D fields and images ``[H, W]`` (or ``[C, H, W]``): strided convolutions, optionally
   with circular padding for periodic fields, then global average pooling;
+* ``power`` — periodic 2-D fields ``[N, N]``: the log of the azimuthally binned power spectrum
+  (``N/2`` bins of integer |k| in grid units), then an MLP. For a statistically isotropic Gaussian
+  field the power spectrum is a sufficient statistic, so nothing is lost, and it costs one FFT per
+  field instead of a CNN. Simulators name it as their preferred embedding (``embedding = "power"``);
 * ``deepset`` — variable-size sets ``[n_max, F + 1]`` whose last column is a 0/1 mask
   (Zaheer et al. 2017): a per-element MLP, masked mean pooling plus log(count), and an MLP.
 """
@@ -19,9 +23,9 @@ from torch import Tensor, nn
 
 from .errors import SbipipeError
 
-__all__ = ["EMBEDDINGS", "CNNEmbedding", "DeepSetEmbedding", "IdentityEmbedding", "MLPEmbedding", "auto_embedding", "build_embedding"]
+__all__ = ["EMBEDDINGS", "CNNEmbedding", "DeepSetEmbedding", "IdentityEmbedding", "MLPEmbedding", "PowerSpectrumEmbedding", "auto_embedding", "build_embedding"]
 
-EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "deepset")
+EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "deepset")
 
 
 class IdentityEmbedding(nn.Module):
@@ -72,6 +76,36 @@ class CNNEmbedding(nn.Module):
         return self.head(self.features(x))
 
 
+class PowerSpectrumEmbedding(nn.Module):
+    """log P(|k|) of ``[N, N]`` fields in ``N/2`` integer-|k| bins (k = 0 excluded), then an MLP."""
+
+    def __init__(self, x_shape: Sequence[int], hidden: int = 128, out_features: int = 32):
+        super().__init__()
+        n = int(x_shape[-1])
+        if len(x_shape) != 2 or x_shape[0] != n:
+            raise SbipipeError(f"the power embedding needs square [N, N] fields, got {list(x_shape)}")
+        ky = torch.fft.fftfreq(n) * n
+        kx = torch.fft.rfftfreq(n) * n
+        kmag = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).round().long().flatten()
+        n_bins = n // 2
+        # rfft2 halves the plane: columns 1..N/2-1 stand for two modes each (k and −k)
+        weight = torch.full((n, n // 2 + 1), 2.0)
+        weight[:, 0] = 1.0
+        if n % 2 == 0:
+            weight[:, -1] = 1.0
+        onehot = torch.zeros(kmag.numel(), n_bins)
+        ok = (kmag >= 1) & (kmag <= n_bins)
+        onehot[torch.arange(kmag.numel())[ok], kmag[ok] - 1] = weight.flatten()[ok]
+        self.register_buffer("bins", onehot / onehot.sum(0), persistent=False)  # mean over each shell
+        self.net = nn.Sequential(nn.Linear(n_bins, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out_features))
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = torch.fft.rfft2(x.float(), norm="ortho").abs().square().flatten(-2)
+        return self.net(torch.log(p @ self.bins + 1e-8))
+
+
 class DeepSetEmbedding(nn.Module):
     """Permutation-invariant set embedding with a mask in the last column (Zaheer et al. 2017)."""
 
@@ -115,6 +149,8 @@ def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Modu
         if len(shape) not in (2, 3):
             raise SbipipeError(f"the cnn embedding needs [H, W] or [C, H, W] observations, got {list(shape)}")
         return CNNEmbedding(shape, circular=kind == "cnn-circular", **kwargs)
+    if kind == "power":
+        return PowerSpectrumEmbedding(shape, **kwargs)
     if kind == "deepset":
         if len(shape) != 2:
             raise SbipipeError(f"the deepset embedding needs [n, features + mask] observations, got {list(shape)}")

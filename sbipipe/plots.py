@@ -1,4 +1,5 @@
-"""Plots people would rather look at than read: corner plots of posterior samples."""
+"""Plots people would rather look at than read: corner plots of posterior samples, SBC rank
+histograms with their binomial band, expected-coverage and TARP curves."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 
-__all__ = ["corner_plot"]
+__all__ = ["corner_plot", "coverage_plot", "rank_histograms", "tarp_plot"]
 
 
 def corner_plot(
@@ -74,6 +75,63 @@ def corner_plot(
         handles = [plt.Line2D([], [], color=colours[k % len(colours)]) for k in range(len(sets))]
         fig.legend(handles, names, loc="upper right")
     fig.tight_layout()
+    _save(fig, path)
+
+
+def rank_histograms(
+    counts: np.ndarray, labels: Sequence[str], band: tuple[float, float], path: str | os.PathLike,
+    pvalues: Sequence[float] | None = None,
+) -> None:
+    """SBC rank histograms ``counts [B, D]`` with the grey binomial band of uniform ranks."""
+    counts = np.asarray(counts)
+    bins, d = counts.shape
+    cols = min(d, 4)
+    rows = -(-d // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= d:
+            ax.axis("off")
+            continue
+        ax.axhspan(band[0], band[1], color="0.85", lw=0)
+        ax.axhline(counts[:, k].sum() / bins, color="0.5", lw=0.7)
+        ax.bar(np.arange(bins), counts[:, k], width=1.0, color="C0", alpha=0.8)
+        title = labels[k] + (f"  (p = {pvalues[k]:.2g})" if pvalues is not None else "")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_xlabel("rank")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def coverage_plot(levels: np.ndarray, coverage: np.ndarray, band: float, path: str | os.PathLike) -> None:
+    """Expected coverage of HPD regions against credibility level, with a ±``band`` strip."""
+    levels, coverage = np.asarray(levels), np.asarray(coverage)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.fill_between(levels, np.clip(levels - band, 0, 1), np.clip(levels + band, 0, 1), color="0.88", lw=0)
+    ax.plot([0, 1], [0, 1], color="0.4", lw=0.8, ls="--")
+    ax.plot(levels, coverage, color="C0")
+    ax.set_xlabel("credibility level")
+    ax.set_ylabel("expected coverage")
+    ax.text(0.03, 0.93, "under-confident", fontsize=8, color="0.4")
+    ax.text(0.55, 0.05, "over-confident", fontsize=8, color="0.4")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def tarp_plot(alpha: np.ndarray, ecp: np.ndarray, path: str | os.PathLike, atc: float | None = None) -> None:
+    """TARP expected coverage probability against credibility level."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], color="0.4", lw=0.8, ls="--")
+    ax.plot(np.asarray(alpha), np.asarray(ecp), color="C1")
+    ax.set_xlabel("credibility level α")
+    ax.set_ylabel("expected coverage probability")
+    if atc is not None:
+        ax.set_title(f"TARP (ATC = {atc:+.3f})", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)

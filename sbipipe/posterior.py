@@ -15,31 +15,47 @@ import torch
 from torch import Tensor
 
 from .errors import SbipipeError
-from .estimators import FlowPosterior
+from .estimators import FLOWS, ConditionalEstimator, FlowPosterior
 from .simulator import check_observation
 from .store import read_card, read_weights
 from .training import resolve_device
 
-__all__ = ["Posterior", "build_member", "load_posterior"]
+__all__ = ["ESTIMATORS", "Posterior", "build_member", "load_posterior"]
+
+#: every estimator name ``sbipipe train --estimator`` accepts: the zuko flows, denoising score
+#: matching (:mod:`sbipipe.score_posterior`) and flow matching (:mod:`sbipipe.flow_matching`)
+ESTIMATORS = (*FLOWS, "score", "flowmatch")
 
 
-def build_member(card: dict[str, Any]) -> FlowPosterior:
+def build_member(card: dict[str, Any]) -> ConditionalEstimator:
+    """An untrained member of the architecture the card describes (its ``estimator`` picks the class;
+    ``flow_kwargs`` holds the estimator's options)."""
     arch = card["architecture"]
-    return FlowPosterior(
+    args = (
         len(card["parameter_names"]),
         card["observation_shape"],
         torch.tensor(card["prior_bounds"]["lower"], dtype=torch.float64),
         torch.tensor(card["prior_bounds"]["upper"], dtype=torch.float64),
-        flow=arch["estimator"],
-        embedding=arch["embedding"],
-        **arch.get("flow_kwargs", {}),
     )
+    kwargs = {"embedding": arch["embedding"], **arch.get("flow_kwargs", {})}
+    name = arch["estimator"]
+    if name == "score":
+        from .score_posterior import ScorePosterior
+
+        return ScorePosterior(*args, **kwargs)
+    if name == "flowmatch":
+        from .flow_matching import FlowMatchingPosterior
+
+        return FlowMatchingPosterior(*args, **kwargs)
+    if name in FLOWS:
+        return FlowPosterior(*args, flow=name, **kwargs)
+    raise SbipipeError(f"unknown estimator {name!r} in the model card; this sbipipe knows {', '.join(ESTIMATORS)}")
 
 
 class Posterior:
     """q(θ | x) for one simulator, batched over observations."""
 
-    def __init__(self, members: list[FlowPosterior], card: dict[str, Any], device: torch.device | str = "cpu"):
+    def __init__(self, members: list[ConditionalEstimator], card: dict[str, Any], device: torch.device | str = "cpu"):
         self.members = [m.eval() for m in members]
         self.card = card
         self.parameter_names: list[str] = list(card["parameter_names"])
@@ -75,16 +91,40 @@ class Posterior:
         return out[0] if single else out
 
     @torch.no_grad()
+    def sample_and_log_prob(self, x: Any, n: int, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """Draws and their log q for a stack ``x [M, ...]``: ``[M, n, D]``, ``[M, n]``. A single
+        flow computes both in one pass; otherwise the densities are evaluated afterwards."""
+        member = self.members[0]
+        if len(self.members) > 1 or not hasattr(member, "sample_and_log_prob"):
+            draws = self.sample(x, n, seed)
+            return draws, self.log_prob(draws, x)
+        obs, _ = self._observations(x)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            draws, lp = member.sample_and_log_prob(obs, n)
+        return draws.cpu(), lp.cpu()
+
+    @torch.no_grad()
     def log_prob(self, theta: Any, x: Any) -> Tensor:
-        """log q(θ | x) for ``theta [B, D]`` and ``x`` one observation or ``[B, ...]``."""
+        """log q(θ | x): ``theta [B, D]`` with ``x`` one observation or ``[B, ...]`` gives ``[B]``;
+        ``theta [M, L, D]`` with ``x [M, ...]`` (L draws per observation) gives ``[M, L]``, with
+        each observation embedded once."""
         theta = torch.as_tensor(theta, dtype=torch.float32)
         if theta.ndim == 1:
             theta = theta.unsqueeze(0)
-        if theta.shape[-1] != len(self.parameter_names):
+        if theta.shape[-1] != len(self.parameter_names) or theta.ndim > 3:
             raise SbipipeError(
-                f"expected theta [B, {len(self.parameter_names)}] for {self.parameter_names}, got {list(theta.shape)}"
+                f"expected theta [B, {len(self.parameter_names)}] or [M, L, {len(self.parameter_names)}] for "
+                f"{self.parameter_names}, got {list(theta.shape)}"
             )
         obs, _ = self._observations(x)
+        if theta.ndim == 3:
+            if len(obs) != len(theta):
+                raise SbipipeError(f"theta [M, L, D] has M = {len(theta)} but there are {len(obs)} observations")
+            pairs = theta.transpose(0, 1).to(self.device)  # [L, M, D]: draws broadcast over observations
+            lp = torch.stack([m.log_prob(pairs, obs) for m in self.members])  # [K, L, M]
+            return (torch.logsumexp(lp, 0) - math.log(len(self.members))).transpose(0, 1).cpu()
         if len(obs) == 1:
             obs = obs.expand(len(theta), *self.observation_shape)
         if len(obs) != len(theta):

@@ -47,14 +47,18 @@ def summarize(samples: Tensor, parameter_names: list[str]) -> pd.DataFrame:
 
 
 def write_samples(
-    path: str | os.PathLike, samples: Tensor, parameter_names: list[str], attrs: dict[str, Any] | None = None
+    path: str | os.PathLike, samples: Tensor, parameter_names: list[str], attrs: dict[str, Any] | None = None,
+    datasets: dict[str, Tensor] | None = None,
 ) -> pd.DataFrame:
-    """Write samples and their CSV summary atomically; return the summary table."""
+    """Write samples (and extra ``datasets``, e.g. the observation) and their CSV summary
+    atomically; return the summary table."""
     if samples.shape[-1] != len(parameter_names):
         raise SbipipeError(f"samples have {samples.shape[-1]} columns but {len(parameter_names)} parameter names")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("samples", data=samples.detach().cpu().numpy().astype(np.float32))
         f.attrs["parameter_names"] = list(parameter_names)
+        for key, value in (datasets or {}).items():
+            f.create_dataset(key, data=value.detach().cpu().numpy())
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
     table = summarize(samples, list(parameter_names))

@@ -190,6 +190,8 @@ class _CosmoField(DeviceSimulator):
 
     version = "1"
     parameter_names = ("Omega_m", "sigma_8")
+    #: preferred NPE embedding: the binned power spectrum, sufficient for the Gaussian field
+    embedding = "power"
     low = (0.1, 0.6)
     high = (0.5, 1.0)
 
@@ -238,6 +240,10 @@ class _CosmoField(DeviceSimulator):
     @property
     def observation_shape(self) -> tuple[int, ...]:
         return (self.n, self.n)
+
+    def summary(self, x: Tensor) -> Tensor:
+        """The binned power spectrum ``[B, N/2]`` (for posterior predictive checks)."""
+        return binned_power(x, self.box)[1]
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         dev = draw_device(generator)
