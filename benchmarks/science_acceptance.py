@@ -45,7 +45,7 @@ def run(name: str, sims: int, n_obs: int, work: Path, ref_samples: int) -> dict:
     model = d / "model"
     t0 = time.perf_counter()
     if not (model / "card.json").exists():
-        train_posterior(d / "train.h5", model, seed=0)
+        train_posterior(d / "train.h5", model, seed=0, resume=(model / "checkpoints").exists())
     t["train_s"] = time.perf_counter() - t0
     refs, obs = [], []
     t0 = time.perf_counter()

@@ -42,7 +42,9 @@ def check_observation(model: str, observation: str) -> dict[str, Any]:
 @task(name="sample-posterior", task_run_name="sample {n_samples} per observation")
 def sample_posterior(model_dir: str, observation: str, output: str, n_samples: int, seed: int,
                      plot: bool) -> dict[str, Any]:
-    return infer_observation(model_dir, observation, output, n_samples=n_samples, seed=seed, plot=plot)
+    out = Path(output)
+    return infer_observation(model_dir, observation, out / "samples.h5", n_samples=n_samples, seed=seed,
+                             plot_path=out / "corner.png" if plot else None)
 
 
 def _run_name() -> str:

@@ -188,40 +188,15 @@ def sample_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
 ) -> None:
     """Draw posterior samples for an observation (or a stack) and summarise them."""
-    import json
+    import pandas as pd
 
-    from .atomic import check_writable
-    from .observations import load_observation, truth_path
-    from .posterior import load_posterior
-    from .registry import get_simulator
-    from .samples import summary_path, write_samples
+    from .inference import infer_observation
+    from .samples import summary_path
 
-    post = load_posterior(model, device=device)
-    check_writable(output)
-    try:
-        sim = get_simulator(post.simulator_name)
-    except SbipipeError:  # e.g. a user simulator not importable here: check against the model's shape
-        sim = None
-    x = load_observation(observation, sim, post.observation_shape, post.simulator_name)
-    samples = post.sample(x, n, seed=seed)  # [M, n, D]
-    samples = samples[0] if len(x) == 1 else samples
-    attrs = {"model": str(model), "observation": str(observation), "simulator": post.simulator_name,
-             "simulator_version": post.simulator_version, "seed": seed, "kind": "posterior"}
-    table = write_samples(output, samples, post.parameter_names, attrs)
-    if plot is not None:
-        from .plots import corner_plot
-
-        truth = None
-        if truth_path(observation).is_file():
-            try:
-                truth = json.loads(truth_path(observation).read_text()).get("theta")
-            except (json.JSONDecodeError, AttributeError):
-                truth = None
-        first = samples if samples.ndim == 2 else samples[0]
-        corner_plot(first, post.parameter_names, plot, truth=truth)
-    shape = "x".join(map(str, samples.shape))
+    result = infer_observation(model, observation, output, n_samples=n, seed=seed, plot_path=plot, device=device)
+    shape = "x".join(map(str, result["shape"]))
     out.print(f"{output}: samples [{shape}]; summary {summary_path(output)}" + (f"; plot {plot}" if plot else ""))
-    _print_summary(table)
+    _print_summary(pd.DataFrame(result["summary"]))
 
 
 @app.command("validate")

@@ -7,14 +7,13 @@ service answers an observation without reloading its model.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .errors import SbipipeError
+from .observations import load_model_observation, read_truth
 from .posterior import Posterior, load_posterior
 from .store import CARD
 
@@ -44,62 +43,44 @@ def cached_posterior(model_dir: str | os.PathLike, device: str = "cpu") -> Poste
     return post
 
 
-def _simulator(name: str) -> Any:
-    from .registry import get_simulator
-
-    try:
-        return get_simulator(name)
-    except SbipipeError:  # e.g. a user simulator not importable here: check against the model's shape
-        return None
-
-
 def check_observation_file(model_dir: str | os.PathLike, observation: str | os.PathLike) -> dict[str, Any]:
     """Validate an observation file against a model (shape, finite, real numbers); its description."""
     post = cached_posterior(model_dir)
-    x = _load(post, observation)
+    x = load_model_observation(observation, post.simulator_name, post.observation_shape)
     return {"observation": str(observation), "sha256": hashlib.sha256(Path(observation).read_bytes()).hexdigest(),
             "count": len(x), "shape": list(x.shape[1:])}
 
 
-def _load(post: Posterior, observation: str | os.PathLike) -> Any:
-    from .observations import load_observation
-
-    return load_observation(observation, _simulator(post.simulator_name), post.observation_shape, post.simulator_name)
-
-
-def infer_observation(model_dir: str | os.PathLike, observation: str | os.PathLike, output_dir: str | os.PathLike,
-                      n_samples: int = 10_000, seed: int = 0, plot: bool = True) -> dict[str, Any]:
-    """Sample the posterior of each observation in the file; write ``samples.h5``, its CSV summary
-    and (with ``plot``) a corner plot of the first observation to ``output_dir``."""
-    from .observations import truth_path
+def infer_observation(model_dir: str | os.PathLike, observation: str | os.PathLike, samples_path: str | os.PathLike,
+                      n_samples: int = 10_000, seed: int = 0, plot_path: str | os.PathLike | None = None,
+                      device: str = "cpu") -> dict[str, Any]:
+    """Sample the posterior of each observation in the file; write ``samples_path`` (``[n, D]``, or
+    ``[M, n, D]`` for a stack), its CSV summary and (with ``plot_path``) a corner plot of the first
+    observation, with the truth marked where ``OBS.truth.json`` gives it. Returns what was written
+    and the summary table as records."""
+    from .atomic import check_writable
     from .samples import summary_path, write_samples
 
-    post = cached_posterior(model_dir)
-    x = _load(post, observation)
-    out = Path(output_dir)
+    post = cached_posterior(model_dir, device)
+    check_writable(samples_path)
+    x = load_model_observation(observation, post.simulator_name, post.observation_shape)
     samples = post.sample(x, n_samples, seed=seed)  # [M, n, D]
     single = len(x) == 1
-    path = out / "samples.h5"
+    path = Path(samples_path)
     attrs = {"model": str(model_dir), "observation": str(observation), "simulator": post.simulator_name,
              "simulator_version": post.simulator_version, "seed": seed, "kind": "posterior"}
     table = write_samples(path, samples[0] if single else samples, post.parameter_names, attrs)
-    corner = None
-    if plot:
+    if plot_path is not None:
         from .plots import corner_plot
 
-        truth = None
-        try:
-            truth = json.loads(truth_path(observation).read_text()).get("theta")
-        except (OSError, ValueError, AttributeError):
-            pass
-        corner = out / "corner.png"
-        corner_plot(samples[0], post.parameter_names, corner, truth=truth)
+        corner_plot(samples[0], post.parameter_names, plot_path, truth=read_truth(observation))
     return {
         "samples": str(path.resolve()),
         "summary_csv": str(summary_path(path).resolve()),
-        "corner": str(corner.resolve()) if corner else None,
+        "corner": str(Path(plot_path).resolve()) if plot_path is not None else None,
         "summary": table.to_dict("records"),
         "observations": len(x),
+        "shape": list(samples.shape[1:] if single else samples.shape),
         "n_samples": n_samples,
         "parameter_names": list(post.parameter_names),
         "simulator": post.simulator_name,

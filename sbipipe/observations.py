@@ -20,7 +20,8 @@ from .atomic import atomic_path, atomic_write_text
 from .errors import SbipipeError
 from .simulator import Simulator, check_observation
 
-__all__ = ["load_observation", "parse_theta", "read_array", "save_observation", "truth_path"]
+__all__ = ["load_model_observation", "load_observation", "parse_theta", "read_array", "read_truth", "save_observation",
+           "truth_path"]
 
 
 def truth_path(path: str | os.PathLike) -> Path:
@@ -78,6 +79,23 @@ def load_observation(path: str | os.PathLike, simulator: Simulator | None = None
     if simulator is not None:
         return simulator.validate_observation(arr)
     return check_observation(arr, shape, name)
+
+
+def load_model_observation(path: str | os.PathLike, simulator_name: str, shape: tuple[int, ...]) -> Tensor:
+    """An observation for a model: validated by the model's simulator where it can be loaded here,
+    else checked against the model's observation shape."""
+    from .registry import find_simulator
+
+    return load_observation(path, find_simulator(simulator_name), shape, simulator_name)
+
+
+def read_truth(path: str | os.PathLike) -> list[float] | None:
+    """The true parameters beside an observation (``OBS.truth.json``), if there are any."""
+    try:
+        theta = json.loads(truth_path(path).read_text()).get("theta")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [float(v) for v in theta] if isinstance(theta, list) else None
 
 
 def save_observation(path: str | os.PathLike, x: Tensor, truth: dict[str, Any] | None = None) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 from .errors import SbipipeError
 from .simulator import Simulator, as_simulator
 
-__all__ = ["ENTRY_POINT_GROUP", "available_simulators", "get_simulator", "load_object"]
+__all__ = ["ENTRY_POINT_GROUP", "available_simulators", "find_simulator", "get_simulator", "load_object"]
 
 ENTRY_POINT_GROUP = "sbipipe.simulators"
 
@@ -87,3 +87,12 @@ def get_simulator(spec: str | Any) -> Simulator:
         f"unknown simulator {spec!r}; known: {', '.join(available_simulators())} "
         "(or give an import path package.module:object)"
     )
+
+
+def find_simulator(name: str) -> Simulator | None:
+    """``get_simulator(name)``, or None where it cannot be loaded here (e.g. a user simulator whose
+    package is not installed: a model's card still describes its observations)."""
+    try:
+        return get_simulator(name)
+    except SbipipeError:
+        return None

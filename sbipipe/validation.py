@@ -48,6 +48,8 @@ from .calibration import (
     tarp,
 )
 from .errors import SbipipeError
+from .observations import load_model_observation, read_truth
+from .registry import find_simulator
 
 __all__ = ["Gate", "PosteriorLike", "calibration_checks", "validate_model"]
 
@@ -202,7 +204,7 @@ def validate_model(
     report.mkdir(parents=True, exist_ok=True)
     names = posterior.parameter_names
     theta, x = bank.read(0, n_sims)
-    simulator = _simulator_or_none(posterior.simulator_name)
+    simulator = find_simulator(posterior.simulator_name)
     prior_var = None
     if simulator is not None:  # the prior's variance, from many draws (else the test set's)
         prior_var = simulator.sample_prior(100_000, torch.Generator().manual_seed(seed)).double().var(0)
@@ -215,7 +217,7 @@ def validate_model(
 
     c2sts = []
     for k, ref_path in enumerate(references):
-        value, plot = _c2st_against_reference(posterior, ref_path, simulator, report / f"corner_reference_{k}.png", seed)
+        value, plot = _c2st_against_reference(posterior, ref_path, report / f"corner_reference_{k}.png", seed)
         c2sts.append(value)
         plots[f"corner_reference_{k}"] = plot
         rows.append(_row("c2st", "all", value, gate.c2st_max, None, observation=str(ref_path)))
@@ -228,10 +230,8 @@ def validate_model(
 
     obs_index = 0
     for obs_path in observations:
-        from .observations import load_observation, truth_path
-
-        xs = load_observation(obs_path, simulator, posterior.observation_shape, posterior.simulator_name)
-        truth = _truth(truth_path(obs_path)) if len(xs) == 1 else None
+        xs = load_model_observation(obs_path, posterior.simulator_name, posterior.observation_shape)
+        truth = read_truth(obs_path) if len(xs) == 1 else None
         draws = posterior.sample(xs, n_samples, seed=seed)
         for m in range(len(xs)):
             label = f"{obs_path}" + (f"[{m}]" if len(xs) > 1 else "")
@@ -279,29 +279,12 @@ def validate_model(
     return summary
 
 
-def _simulator_or_none(name: str) -> Any:
-    from .registry import get_simulator
-
-    try:
-        return get_simulator(name)
-    except SbipipeError:
-        return None
-
-
-def _truth(path: Path) -> list[float] | None:
-    try:
-        return json.loads(path.read_text()).get("theta") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError, OSError):
-        return None
-
-
-def _c2st_against_reference(posterior: PosteriorLike, path: str | os.PathLike, simulator: Any, plot: Path,
+def _c2st_against_reference(posterior: PosteriorLike, path: str | os.PathLike, plot: Path,
                             seed: int) -> tuple[float, Path]:
     """C2ST (benchmark protocol) of posterior draws against a reference file's samples, and a corner
     plot of both. The observation is the reference file's ``observation`` dataset (written by
     ``sbipipe reference``) or the file its ``observation`` attribute names."""
     from .c2st import c2st
-    from .observations import load_observation
     from .plots import corner_plot
     from .samples import read_samples
 
@@ -317,7 +300,7 @@ def _c2st_against_reference(posterior: PosteriorLike, path: str | os.PathLike, s
         if not attrs.get("observation") or not Path(attrs["observation"]).is_file():
             raise SbipipeError(f"{str(path)!r} does not say which observation it belongs to; recreate it with "
                                "`sbipipe reference`")
-        x = load_observation(attrs["observation"], simulator, posterior.observation_shape, posterior.simulator_name)
+        x = load_model_observation(attrs["observation"], posterior.simulator_name, posterior.observation_shape)
     n = min(len(ref), 10_000)
     draws = posterior.sample(x[:1], n, seed=seed)[0]
     value = c2st(draws, ref[:n], seed=seed + 1)
