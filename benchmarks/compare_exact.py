@@ -41,7 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sbipipe.bank import SimulationBank, validation_mask  # noqa: E402
 from sbipipe.comparison import (  # noqa: E402
+    _CALIBRATION_SEED,
+    _SEED_STRIDE,
+    _simulate_fresh,
+    fit_misspecification,
     load_comparison,
     log_evidence_grid,
     log_evidence_importance,
@@ -90,6 +95,20 @@ def misspecified(task: str, x: torch.Tensor, gen: torch.Generator) -> dict[str, 
     return out
 
 
+def refit_misspecification(comp, out: Path, setup: dict, seed: int, calibration_rows: int = 5000) -> None:
+    """For a model directory written before the summary-statistic test existed: fit the test in
+    memory on the same training rows and held-out simulations that train_comparison uses."""
+    rows = comp.card["training"]["rows_per_model"]
+    train = torch.from_numpy(~validation_mask(np.arange(rows), 0.1))
+    xs = [SimulationBank(out / "banks" / f"{name}.h5").read(0, rows)[1][train] for name in comp.names]
+    size = min(len(x) for x in xs)
+    x_train, y_train = torch.cat([x[:size] for x in xs]), torch.arange(len(xs)).repeat_interleave(size)
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + 1))[: 20_000 * len(xs)]
+    x_ref = torch.cat([_simulate_fresh(sim, calibration_rows, seed + _CALIBRATION_SEED + k * _SEED_STRIDE)
+                       for k, sim in enumerate(setup["models"])])
+    fit_misspecification(comp, x_train[pick], y_train[pick], x_ref)
+
+
 def exact_log_k(setup: dict, x: torch.Tensor, cache: Path, args: argparse.Namespace) -> pd.DataFrame:
     """Exact ln K per test observation, cached as CSV after every 10 (a re-run resumes)."""
     rows = pd.read_csv(cache).to_dict("records") if cache.exists() else []
@@ -119,6 +138,7 @@ def main() -> None:
     p.add_argument("--losses", default="ce,evidence")
     p.add_argument("--ensemble", type=int, default=1)
     p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--points", type=int, default=101, help="fine-grid points per parameter (odd, points//2 even)")
     p.add_argument("--coarse", type=int, default=41, help="points per parameter of the grid that locates the peak")
     p.add_argument("--exact-only", action="store_true", help="stop after the exact ln K")
@@ -150,23 +170,28 @@ def main() -> None:
         return
     results = []
     for loss in args.losses.split(","):
-        out = work / f"clf_{loss}_n{n}_e{args.ensemble}_seed{args.seed}"
+        out = work / (f"clf_{loss}_n{n}_e{args.ensemble}_seed{args.seed}"
+                      + (f"_bs{args.batch_size}_ep{args.max_epochs}" if args.batch_size else ""))
         if not (out / "card.json").exists():
             t1 = time.perf_counter()
             train_comparison([a, b], out, n=n, loss=loss, embedding=setup["embedding"], ensemble=args.ensemble,
                              embedding_kwargs=setup["embedding_kwargs"], max_epochs=args.max_epochs, seed=args.seed,
+                             batch_size=args.batch_size,
                              calibration_rows=5000, device="cpu",
                              progress=lambda k, row: print(f"  {loss} member {k} epoch {row['epoch']}: "
                                                            f"train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
                                                            f"({row['seconds']:.0f} s)", flush=True))
             print(f"  trained {out.name} in {time.perf_counter() - t1:.0f} s")
         comp = load_comparison(out)
+        if "ood.summary.mean" not in comp.ood:
+            refit_misspecification(comp, out, setup, args.seed)
         est = comp.log_bayes_factor(x).numpy()
         window = finite & (np.abs(lk) < 5) & (err <= args.max_ref_error)
         diff = np.abs(est - lk)[window]
         sign_ok = np.mean(np.sign(est[finite]) == np.sign(lk[finite]))
         cal = comp.card["calibration"]
         row = {"task": args.task, "loss": loss, "ensemble": args.ensemble, "n_per_model": n,
+               "batch_size": comp.card["training"]["config"]["batch_size"],
                "test_obs": len(lk), "in_window": int(window.sum()),
                "left_out_ref_error": int((finite & (np.abs(lk) < 5) & (err > args.max_ref_error)).sum()),
                "median_abs_dlogk": float(np.median(diff)) if len(diff) else math.nan,

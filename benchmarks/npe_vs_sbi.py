@@ -347,10 +347,9 @@ def write_report(rows: list[dict[str, Any]], workdir: Path, observations: int,
     text += "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
     with open(workdir / "results.csv", "w") as f:
         f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(str(r[c]) for c in keys) + "\n")
-    md = [f"C2ST: mean over {observations} observations, {N_SAMPLES} posterior vs {N_REFERENCE} reference draws; "
-          f"sampling: {N_SAMPLES} draws for one observation, best of 3.", "",
+        f.writelines(",".join(str(r[c]) for c in keys) + "\n" for r in rows)
+    md = [(f"C2ST: mean over {observations} observations, {N_SAMPLES} posterior vs {N_REFERENCE} reference draws; "
+           f"sampling: {N_SAMPLES} draws for one observation, best of 3."), "",
           "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 1 else "---:" for i in range(len(head))) + "|"]
     md += ["| " + " | ".join(row) + " |" for row in cells]
     (workdir / "results.md").write_text("\n".join(md) + "\n")

@@ -66,6 +66,7 @@ __all__ = [
     "confusion_matrix",
     "evidence_loss",
     "expected_calibration_error",
+    "fit_misspecification",
     "load_comparison",
     "log_evidence_grid",
     "log_evidence_importance",
@@ -589,18 +590,9 @@ def train_comparison(
     # -- calibration and the misspecification reference ----------------------------------------
     comparison = ModelComparison(members, {"models": [{"name": nm} for nm in names], "observation_shape": list(x_shape),
                                            "architecture": arch})
-    ood: dict[str, Tensor] = {}
     pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + 1))[: 20_000 * len(names)]
-    for m_idx, member in enumerate(members):
-        with torch.no_grad():
-            e = torch.cat([member.embed(x_train[pick[i : i + 2048]]).double() for i in range(0, len(pick), 2048)])
-        ood[f"ood.member{m_idx}.mean"], ood[f"ood.member{m_idx}.precision"] = _class_gaussians(e, y_train[pick], len(names))
-    s_train = summary_statistics(x_train[pick], kind)
-    ood["ood.summary.mean"], ood["ood.summary.precision"] = _class_gaussians(s_train, y_train[pick], len(names))
-    comparison.ood = ood
-    logits, scores = comparison._member_outputs(x_cal)
-    ood["ood.reference"] = scores.mean(0).sort().values
-    ood["ood.summary_reference"] = comparison._summary_score(x_cal).sort().values
+    logits = fit_misspecification(comparison, x_train[pick], y_train[pick], x_cal)
+    ood = comparison.ood
     probs = torch.softmax(_combine(logits), -1)
     member_probs = torch.softmax(logits, -1)
     reliability = reliability_table(probs, y_cal)
@@ -653,6 +645,27 @@ def train_comparison(
 
     calibration_plot(reliability, confusion, names, out / "calibration.png", ece=calibration["ece"])
     return ModelComparison(members, {"format": "sbipipe.model/1", **card}, ood)
+
+
+def fit_misspecification(comparison: ModelComparison, x_train: Tensor, y_train: Tensor, x_ref: Tensor) -> Tensor:
+    """Fit the misspecification test of ``comparison`` in place: class-conditional Gaussians of the
+    members' embeddings and of the summary statistics on training simulations ``x_train`` with
+    labels ``y_train``, and the sorted reference scores of held-out simulations ``x_ref`` (a
+    balanced mixture of the candidates). Returns the members' logits on ``x_ref`` ``[E, M, K]``."""
+    k = len(comparison.names)
+    ood: dict[str, Tensor] = {}
+    for m_idx, member in enumerate(comparison.members):
+        with torch.no_grad():
+            e = torch.cat([member.embed(x_train[i : i + 2048].to(comparison.device)).double().cpu()
+                           for i in range(0, len(x_train), 2048)])
+        ood[f"ood.member{m_idx}.mean"], ood[f"ood.member{m_idx}.precision"] = _class_gaussians(e, y_train, k)
+    s_train = summary_statistics(x_train, comparison.members[0].embedding_kind)
+    ood["ood.summary.mean"], ood["ood.summary.precision"] = _class_gaussians(s_train, y_train, k)
+    comparison.ood = ood
+    logits, scores = comparison._member_outputs(x_ref)
+    ood["ood.reference"] = scores.mean(0).sort().values
+    ood["ood.summary_reference"] = comparison._summary_score(x_ref).sort().values
+    return logits
 
 
 def build_classifier(x_shape: Sequence[int], arch: dict[str, Any]) -> ModelClassifier:

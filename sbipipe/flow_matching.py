@@ -20,13 +20,16 @@ regressed on the optimal-transport conditional field of Lipman et al. (2023, eqs
     L(φ) = E ‖v_φ(z_t, t | e(x)) − u_t‖²,   z_0 ~ N(0, I), (z_1, x) ~ bank,
 
 with times drawn from the power-law prior p_α(t) ∝ t^{1/(1+α)} of Dax et al. (2023), which puts
-more weight near the data end.
+more weight near the data end (α = 1 by default). The network sees z_t divided by the std its
+marginal would have for a standard-normal z_1, and Fourier features of t. Defaults: a 64-wide
+residual network of 3 FiLM blocks, 12 RK4 steps on a grid that shrinks towards t = 1.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -100,7 +103,7 @@ def rk4(f: Callable[[float, State], State], state: State, grid: Sequence[float])
     def axpy(h: float, ks: State) -> State:
         return tuple(y + h * k for y, k in zip(state, ks))
 
-    for t0, t1 in zip(grid[:-1], grid[1:]):
+    for t0, t1 in pairwise(grid):
         h = t1 - t0
         k1 = f(t0, state)
         k2 = f(t0 + h / 2, axpy(h / 2, k1))
@@ -184,7 +187,7 @@ class ContinuousPosterior(ConditionalEstimator):
         out = []
         for i in range(0, len(z), rows):
             zi, ci = z[i : i + rows], c[i : i + rows]
-            zb, integral = rk4(lambda t, s: self._velocity_and_divergence(s[0], t, ci),
+            zb, integral = rk4(lambda t, s, ci=ci: self._velocity_and_divergence(s[0], t, ci),
                                (zi, torch.zeros(len(zi), device=z.device)), grid)
             out.append(self._base_log_prob(zb) + integral.double())
         return torch.cat(out) + log_det

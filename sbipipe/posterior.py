@@ -123,7 +123,7 @@ class Posterior:
             if len(obs) != len(theta):
                 raise SbipipeError(f"theta [M, L, D] has M = {len(theta)} but there are {len(obs)} observations")
             pairs = theta.transpose(0, 1).to(self.device)  # [L, M, D]: draws broadcast over observations
-            lp = torch.stack([m.log_prob(pairs, obs) for m in self.members])  # [K, L, M]
+            lp = torch.stack([_log_prob_draws(m, pairs, obs) for m in self.members])  # [K, L, M]
             return (torch.logsumexp(lp, 0) - math.log(len(self.members))).transpose(0, 1).cpu()
         if len(obs) == 1:
             obs = obs.expand(len(theta), *self.observation_shape)
@@ -132,6 +132,15 @@ class Posterior:
         theta = theta.to(self.device)
         lp = torch.stack([m.log_prob(theta, obs) for m in self.members])
         return (torch.logsumexp(lp, 0) - math.log(len(self.members))).cpu()
+
+
+def _log_prob_draws(member: ConditionalEstimator, theta: Tensor, x: Tensor) -> Tensor:
+    """log q of draws ``theta [L, M, D]`` for observations ``x [M, ...]``: ``[L, M]``. Flows broadcast
+    the draws over the observations (each embedded once); other members get the pairs flattened."""
+    if isinstance(member, FlowPosterior):
+        return member.log_prob(theta, x)
+    n, m = theta.shape[:2]
+    return member.log_prob(theta.reshape(n * m, -1), x.repeat(n, *[1] * (x.ndim - 1))).reshape(n, m)
 
 
 def load_posterior(directory: str | os.PathLike, device: str = "cpu", check_simulator: bool = True) -> Posterior:

@@ -177,12 +177,34 @@ def test_misspecified_observations_are_flagged(ce_model):
     odd = torch.tensor([[40.0, 40.0], [0.0, 25.0], [1.0, 0.0]])
     table = comp.table(odd, level=1e-3)
     assert table["misspecified"].tolist() == [True, True, False]
-    assert table["misspecification_pvalue"].iloc[0] == pytest.approx(1 / 4001)  # beyond every reference score
+    # beyond every reference score of both tests: the smallest p-value, 2 / (1 + 4000) (Bonferroni)
+    assert table["misspecification_pvalue"].iloc[0] == pytest.approx(2 / 4001)
     assert table[["box_wide", "box_shifted", "log_bayes_factor"]].iloc[:2].isna().all().all()
     assert table["most_probable"].tolist()[:2] == ["", ""]
     assert table[["box_wide", "box_shifted"]].iloc[2].sum() == pytest.approx(1.0)
     kept = comp.table(odd, blank_misspecified=False)
     assert kept["box_shifted"].notna().all()
+
+
+def test_summary_statistics_of_sets_and_images():
+    from sbipipe.comparison import summary_statistics
+
+    star_set = torch.tensor([[[1.0, -1.0, 1.0], [2.0, 0.0, 1.0], [3.0, 1.0, 1.0], [0.0, 0.0, 0.0]]])
+    s = summary_statistics(star_set, "deepset")[0]  # log std ×2, mean/std ×2, skew ×2, kurt ×2, 2 pair terms, log n
+    std = math.sqrt(2 / 3)
+    assert torch.allclose(s[:2], torch.tensor([math.log(std)] * 2, dtype=torch.float64))
+    assert torch.allclose(s[2:4], torch.tensor([2 / std, 0.0], dtype=torch.float64))
+    assert torch.allclose(s[4:6], torch.zeros(2, dtype=torch.float64), atol=1e-12)  # symmetric columns
+    assert float(s[8]) == pytest.approx(1.0) and float(s[-1]) == pytest.approx(math.log(3))  # corr(R, v) = 1
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(200, 32, 32, generator=g, dtype=torch.float64)
+    s = summary_statistics(white, "cnn")
+    assert s.shape == (200, 12)
+    # white noise of unit variance: flat power E|x̂_k|² = 32² in every radial bin; the log of a bin's
+    # mean power lies below log 1024 by the bias of averaging few modes (measured 0.4 in the first bins)
+    log_power = s[:, 4:].mean(0)
+    assert float((log_power - math.log(1024.0)).abs().max()) < 0.5
+    assert float((log_power[4:] - math.log(1024.0)).abs().max()) < 0.05
 
 
 def test_model_directory_round_trip_and_refusals(ce_model, tmp_path):
@@ -271,6 +293,14 @@ def test_compare_commands(tmp_path, capsys):
     odds = table["dwarf_cusp"] / table["dwarf_cored"]
     assert np.allclose(np.log(odds), table["log_bayes_factor"] + math.log(3.0), atol=1e-6)
     assert "ln K = ln p(x | dwarf_cusp) - ln p(x | dwarf_cored)" in stdout
+    odd = np.load(tmp_path / "obs.npy")
+    odd[1, :, 1] += 3 * odd[1, :, 1].std()  # a systemic velocity: no candidate has one
+    np.save(tmp_path / "odd.npy", odd)
+    code, _, stderr = cli(capsys, "compare", "run", out, "--observation", tmp_path / "odd.npy", "-o", tmp_path / "o.csv",
+                          "--misspecification-level", "0.02")  # 200 reference simulations: p >= 2/201
+    assert code == 0 and "1 of 3 observation(s) are unlike" in stderr
+    flagged = pd.read_csv(tmp_path / "o.csv")
+    assert flagged["misspecified"].tolist() == [False, True, False] and np.isnan(flagged["dwarf_cusp"][1])
     code, _, stderr = cli(capsys, "compare", "run", out, "--observation", tmp_path / "obs.npy", "-o", tmp_path / "q.csv",
                           "--prior", "1,0")
     assert code == 1 and stderr.count("\n") == 1 and "positive and finite" in stderr

@@ -184,7 +184,7 @@ def test_exact_divergence_and_the_ode_solver():
         z, c = torch.randn(5, 3), torch.randn(5, member.embedding.out_features)
         v, div = member._velocity_and_divergence(z, 0.3, c)
         for i in range(5):
-            jac = torch.autograd.functional.jacobian(lambda q: member.velocity(q, 0.3, c[i]), z[i])
+            jac = torch.autograd.functional.jacobian(lambda q, m=member, ci=c[i]: m.velocity(q, 0.3, ci), z[i])
             assert torch.allclose(div[i], torch.trace(jac), atol=1e-5)
             assert torch.allclose(v[i], member.velocity(z[i], 0.3, c[i]), atol=1e-6)
     # RK4 on dz/dt = −t z: z(1) = z(0) e^{−1/2}, fourth order

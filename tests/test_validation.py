@@ -206,3 +206,14 @@ def test_validate_refuses_the_training_bank_and_foreign_banks(small_model, tmp_p
     other = simulate_bank("two_moons", tmp_path / "tm.h5", 200, seed=1).path
     assert_one_line_error(run_cli("validate", root / "model", "--bank", other, "-o", tmp_path / "r"), "two_moons")
     assert_one_line_error(run_cli("validate", root / "model", "--bank", tmp_path / "missing.h5", "-o", tmp_path / "r"))
+
+
+def test_log_prob_of_draws_pairs_each_draw_with_its_observation():
+    from sbipipe.posterior import _log_prob_draws
+
+    class Additive:  # not a flow: the draws are flattened into pairs
+        def log_prob(self, theta, x):
+            return theta.sum(-1) + x.sum(-1)
+
+    theta, x = torch.randn(3, 4, 2), torch.randn(4, 5)
+    assert torch.allclose(_log_prob_draws(Additive(), theta, x), theta.sum(-1) + x.sum(-1)[None, :])
