@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=1)
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--augment", action="store_true", help="random flips/transposes of the fields while training")
     p.add_argument("--points", type=int, default=101, help="fine-grid points per parameter (odd, points//2 even)")
     p.add_argument("--coarse", type=int, default=41, help="points per parameter of the grid that locates the peak")
     p.add_argument("--exact-only", action="store_true", help="stop after the exact ln K")
@@ -171,12 +172,13 @@ def main() -> None:
     results = []
     for loss in args.losses.split(","):
         out = work / (f"clf_{loss}_n{n}_e{args.ensemble}_seed{args.seed}"
-                      + (f"_bs{args.batch_size}_ep{args.max_epochs}" if args.batch_size else ""))
+                      + (f"_bs{args.batch_size}_ep{args.max_epochs}" if args.batch_size else "")
+                      + ("_aug" if args.augment else ""))
         if not (out / "card.json").exists():
             t1 = time.perf_counter()
             train_comparison([a, b], out, n=n, loss=loss, embedding=setup["embedding"], ensemble=args.ensemble,
                              embedding_kwargs=setup["embedding_kwargs"], max_epochs=args.max_epochs, seed=args.seed,
-                             batch_size=args.batch_size,
+                             batch_size=args.batch_size, augment=args.augment,
                              calibration_rows=5000, device="cpu",
                              progress=lambda k, row: print(f"  {loss} member {k} epoch {row['epoch']}: "
                                                            f"train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
@@ -192,6 +194,7 @@ def main() -> None:
         cal = comp.card["calibration"]
         row = {"task": args.task, "loss": loss, "ensemble": args.ensemble, "n_per_model": n,
                "batch_size": comp.card["training"]["config"]["batch_size"],
+               "augment": comp.card["architecture"].get("augment", False),
                "test_obs": len(lk), "in_window": int(window.sum()),
                "left_out_ref_error": int((finite & (np.abs(lk) < 5) & (err > args.max_ref_error)).sum()),
                "median_abs_dlogk": float(np.median(diff)) if len(diff) else math.nan,

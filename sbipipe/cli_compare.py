@@ -28,6 +28,7 @@ def train_cmd(
     loss: Annotated[str, typer.Option(help="ce (cross-entropy, any number of models) or evidence (l-POP-Exponential, two models).")] = "ce",
     embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular or deepset.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Classifiers averaged to temper over-confidence.")] = 1,
+    augment: Annotated[bool, typer.Option("--augment", help="Train on randomly flipped/transposed images (isotropic fields only).")] = False,
     calibration_rows: Annotated[int, typer.Option(help="Held-out simulations per model for calibration and the misspecification test.")] = 2000,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: about 50 steps per epoch, 64 to 512.")] = None,
@@ -56,7 +57,8 @@ def train_cmd(
     with bars:
         comp = train_comparison(models, output, n=n, loss=loss, embedding=embedding, ensemble=ensemble,
                                 max_epochs=max_epochs, batch_size=batch_size, device=device, seed=seed,
-                                calibration_rows=calibration_rows, progress=report, bank_progress=bank_progress)
+                                calibration_rows=calibration_rows, augment=augment, progress=report,
+                                bank_progress=bank_progress)
     cal, tr = comp.card["calibration"], comp.card["training"]
     out.print(f"{output}: {comp!r} trained in {tr['seconds']:.1f} s on {tr['train_rows_per_model']} simulations per model")
     out.print(f"held-out {cal['source']} ({cal['rows_per_model']} per model): accuracy {cal['accuracy']:.4f}, "

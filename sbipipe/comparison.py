@@ -72,6 +72,7 @@ __all__ = [
     "log_evidence_importance",
     "lpop",
     "parse_prior_probabilities",
+    "random_dihedral",
     "reliability_table",
     "summary_statistics",
     "train_comparison",
@@ -104,13 +105,29 @@ def evidence_loss(log_k: Tensor, label: Tensor, clamp: float = 50.0) -> Tensor:
 # -- the classifier ----------------------------------------------------------------------------------
 
 
+def random_dihedral(x: Tensor) -> Tensor:
+    """Each image of ``x [B, (C,) H, W]`` flipped along H, along W and (square images) transposed,
+    each with probability ½ (the 8 symmetries of the square; torch's global RNG)."""
+    b = x.shape[0]
+    shape = (b,) + (1,) * (x.ndim - 1)
+    x = torch.where(torch.rand(shape, device=x.device) < 0.5, x.flip(-2), x)
+    x = torch.where(torch.rand(shape, device=x.device) < 0.5, x.flip(-1), x)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.where(torch.rand(shape, device=x.device) < 0.5, x.transpose(-1, -2), x)
+    return x
+
+
 class ModelClassifier(nn.Module):
     """One member: standardisation of x, an embedding network (:mod:`sbipipe.nets`) and an MLP head.
 
-    ``loss="ce"``: K logits; ``loss="evidence"``: one output f, ln K = lPOP(f), logits (0, ln K)."""
+    ``loss="ce"``: K logits; ``loss="evidence"``: one output f, ln K = lPOP(f), logits (0, ln K).
+    ``augment``: train on randomly flipped and transposed images (:func:`random_dihedral`) — valid
+    only when every candidate's images are statistically invariant under those symmetries (e.g.
+    isotropic fields); it multiplies the effective number of training simulations."""
 
     def __init__(self, x_shape: Sequence[int], n_models: int, loss: str = "ce", embedding: str = "auto",
-                 hidden: int = 64, alpha: float = 2.0, embedding_kwargs: dict[str, Any] | None = None):
+                 hidden: int = 64, alpha: float = 2.0, embedding_kwargs: dict[str, Any] | None = None,
+                 augment: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise SbipipeError(f"unknown comparison loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -119,6 +136,10 @@ class ModelClassifier(nn.Module):
         self.x_shape = tuple(int(s) for s in x_shape)
         self.n_models, self.loss_kind, self.alpha = int(n_models), loss, float(alpha)
         self.embedding_kind = auto_embedding(self.x_shape) if embedding == "auto" else embedding
+        if augment and self.embedding_kind not in ("cnn", "cnn-circular"):
+            raise SbipipeError(f"--augment flips and transposes images; the {self.embedding_kind} embedding "
+                               "does not take images: leave --augment out")
+        self.augment = bool(augment)
         self.embedding = build_embedding(self.embedding_kind, self.x_shape, **(embedding_kwargs or {}))
         out = self.n_models if loss == "ce" else 1
         e = self.embedding.out_features
@@ -167,6 +188,8 @@ class ModelClassifier(nn.Module):
 
     def loss(self, x: Tensor, label: Tensor) -> Tensor:
         """Cross-entropy, or the l-POP-Exponential loss for ``loss="evidence"``."""
+        if self.augment and self.training:
+            x = random_dihedral(x)
         logits = self(x).float()
         if self.loss_kind == "ce":
             return F.cross_entropy(logits, label)
@@ -482,6 +505,7 @@ def train_comparison(
     hidden: int = 64,
     embedding_kwargs: dict[str, Any] | None = None,
     train_options: dict[str, Any] | None = None,
+    augment: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
     bank_progress: Callable[[str], Callable[[int, int], None]] | None = None,
 ) -> ModelComparison:
@@ -490,7 +514,8 @@ def train_comparison(
     ``models``: K ≥ 2 simulators (short names, import paths or objects; ``n`` rows each are simulated
     into ``output/banks/NAME.h5`` with seed ``seed + k·1000003``, reused on a re-run) or bank paths
     (their first ``n`` rows, default as many as the smallest holds). Classes are balanced by
-    truncation to the smallest training split. Calibration (ECE, reliability, confusion) and the
+    truncation to the smallest training split. ``augment``: random flips and transposes of image
+    observations while training (for statistically isotropic fields). Calibration (ECE, reliability, confusion) and the
     misspecification reference use ``calibration_rows`` fresh simulations per model (the banks'
     validation splits where a simulator is not installed)."""
     from .npe import default_batch_size, default_max_epochs
@@ -573,7 +598,7 @@ def train_comparison(
         **(train_options or {}),
     )
     arch = {"kind": KIND, "loss": loss, "embedding": kind, "embedding_kwargs": embedding_kwargs or {},
-            "hidden": hidden, "ensemble": ensemble, "n_models": len(names),
+            "hidden": hidden, "ensemble": ensemble, "n_models": len(names), "augment": bool(augment),
             **({"lpop_alpha": 2.0} if loss == "evidence" else {})}
     train, val = TensorData(x_train, y_train), TensorData(x_val, y_val)
     fit_sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:20_000]]
@@ -671,7 +696,7 @@ def fit_misspecification(comparison: ModelComparison, x_train: Tensor, y_train: 
 def build_classifier(x_shape: Sequence[int], arch: dict[str, Any]) -> ModelClassifier:
     return ModelClassifier(x_shape, arch["n_models"], loss=arch["loss"], embedding=arch["embedding"],
                            hidden=arch.get("hidden", 64), alpha=arch.get("lpop_alpha", 2.0),
-                           embedding_kwargs=arch.get("embedding_kwargs") or {})
+                           embedding_kwargs=arch.get("embedding_kwargs") or {}, augment=arch.get("augment", False))
 
 
 def load_comparison(directory: str | os.PathLike, device: str = "cpu") -> ModelComparison:

@@ -207,6 +207,18 @@ def test_summary_statistics_of_sets_and_images():
     assert float((log_power[4:] - math.log(1024.0)).abs().max()) < 0.05
 
 
+def test_image_augmentation_draws_the_eight_symmetries_of_the_square():
+    from sbipipe.comparison import ModelClassifier, random_dihedral
+
+    torch.manual_seed(0)
+    x = torch.arange(16.0).reshape(1, 4, 4).expand(400, 4, 4)
+    y = random_dihedral(x)
+    assert len({tuple(r.flatten().tolist()) for r in y}) == 8
+    assert torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values)  # pixels are only moved
+    with pytest.raises(SbipipeError, match="does not take images"):
+        ModelClassifier((2,), 2, augment=True)
+
+
 def test_model_directory_round_trip_and_refusals(ce_model, tmp_path):
     card = json.loads((ce_model / CARD).read_text())
     assert card["kind"] == "comparison" and [m["name"] for m in card["models"]] == ["box_wide", "box_shifted"]
