@@ -156,7 +156,7 @@ def train_cmd(
     bank: Annotated[Path, typer.Argument(help="Simulation bank (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     estimator: Annotated[str, typer.Option(help="nsf, maf or naf (flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "nsf",
-    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power or deepset.")] = "auto",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power or deepset.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Number of estimators combined as a mixture.")] = 1,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: about 50 steps per epoch, 64 to 512.")] = None,

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .atomic import atomic_path
 from .bank import SimulationBank, simulate_bank, validation_mask
 from .errors import SbipipeError
-from .nets import EMBEDDINGS, auto_embedding, build_embedding
+from .nets import EMBEDDINGS, auto_embedding, build_embedding, observation_statistics, statistics_shape
 from .registry import get_simulator
 from .simulator import Simulator, check_observation, has_likelihood
 from .store import package_versions, read_card, read_weights, write_model
@@ -145,28 +145,19 @@ class ModelClassifier(nn.Module):
         e = self.embedding.out_features
         self.head = nn.Sequential(nn.Linear(e, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                   nn.Linear(hidden, out))
-        stat = self.x_shape if self.embedding_kind in ("identity", "mlp") else (
-            (self.x_shape[-1],) if self.embedding_kind == "deepset" else ())
+        stat = statistics_shape(self.embedding_kind, self.x_shape)
         self.register_buffer("x_mean", torch.zeros(stat))
         self.register_buffer("x_std", torch.ones(stat))
 
     @torch.no_grad()
     def fit_standardization(self, x: Tensor) -> None:
-        """Mean and scale of x: per feature (vectors), per column over real set members (sets, the
-        mask column passes through), or one number each (images)."""
-        x = x.double()
-        if self.embedding_kind == "deepset":
-            mask = x[..., -1:]
-            n = mask.sum((0, 1)).clamp_min(1)
-            mean = (x * mask).sum((0, 1)) / n
-            std = (((x - mean) ** 2 * mask).sum((0, 1)) / n).sqrt()
-            mean[-1], std[-1] = 0.0, 1.0
-        elif self.x_mean.ndim == 0:
-            mean, std = x.mean(), x.std()
-        else:
-            mean, std = x.mean(0), x.std(0)
-        self.x_mean.copy_(mean.float())
-        self.x_std.copy_(std.clamp_min(1e-6).float())
+        """Mean and scale of x (:func:`sbipipe.nets.observation_statistics`), and the embedding's
+        own feature statistics where it has them."""
+        mean, std = observation_statistics(self.embedding_kind, x)
+        self.x_mean.copy_(mean)
+        self.x_std.copy_(std)
+        if hasattr(self.embedding, "fit_features"):
+            self.embedding.fit_features((x - self.x_mean) / self.x_std)
 
     def embed(self, x: Tensor) -> Tensor:
         """Embedding e(x) ``[B, E]`` of raw observations ``x [B, ...]``."""

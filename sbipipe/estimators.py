@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import SbipipeError
-from .nets import auto_embedding, build_embedding
+from .nets import auto_embedding, build_embedding, observation_statistics, statistics_shape
 
 __all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds"]
 
@@ -122,15 +122,8 @@ class ConditionalEstimator(nn.Module):
         self.embedding = build_embedding(self.embedding_kind, self.x_shape)
         self.register_buffer("u_mean", torch.zeros(theta_dim))
         self.register_buffer("u_std", torch.ones(theta_dim))
-        self.register_buffer("x_mean", torch.zeros(self._x_stat_shape()))
-        self.register_buffer("x_std", torch.ones(self._x_stat_shape()))
-
-    def _x_stat_shape(self) -> tuple[int, ...]:
-        if self.embedding_kind in ("identity", "mlp"):
-            return self.x_shape
-        if self.embedding_kind == "deepset":
-            return (self.x_shape[-1],)
-        return ()  # images: one mean and scale, keeping spatial structure
+        self.register_buffer("x_mean", torch.zeros(statistics_shape(self.embedding_kind, self.x_shape)))
+        self.register_buffer("x_std", torch.ones(statistics_shape(self.embedding_kind, self.x_shape)))
 
     @torch.no_grad()
     def fit_standardization(self, theta: Tensor, x: Tensor) -> None:
@@ -138,19 +131,11 @@ class ConditionalEstimator(nn.Module):
         u, _ = self.support.inverse(theta)
         self.u_mean.copy_(u.mean(0).float())
         self.u_std.copy_(u.std(0).clamp_min(1e-6).float())
-        x = x.double()
-        if self.embedding_kind == "deepset":
-            mask = x[..., -1:]
-            n = mask.sum((0, 1)).clamp_min(1)
-            mean = (x * mask).sum((0, 1)) / n
-            std = (((x - mean) ** 2 * mask).sum((0, 1)) / n).sqrt()
-            mean[-1], std[-1] = 0.0, 1.0  # the mask passes through
-        elif self.x_mean.ndim == 0:
-            mean, std = x.mean(), x.std()
-        else:
-            mean, std = x.mean(0), x.std(0)
-        self.x_mean.copy_(mean.float())
-        self.x_std.copy_(std.clamp_min(1e-6).float())
+        mean, std = observation_statistics(self.embedding_kind, x)
+        self.x_mean.copy_(mean)
+        self.x_std.copy_(std)
+        if hasattr(self.embedding, "fit_features"):
+            self.embedding.fit_features((x - self.x_mean) / self.x_std)
 
     def context(self, x: Tensor) -> Tensor:
         """The embedding e(x) of standardised observations ``x [B, ...]``: ``[B, C]``."""

@@ -8,6 +8,11 @@
   (``N/2`` bins of integer |k| in grid units), then an MLP. For a statistically isotropic Gaussian
   field the power spectrum is a sufficient statistic, so nothing is lost, and it costs one FFT per
   field instead of a CNN. Simulators name it as their preferred embedding (``embedding = "power"``);
+* ``log-power`` — lognormal-like fields ``[N, N]`` with δ > −1: the binned log power of δ and of
+  ln(1+δ), and the pixel mean of ln(1+δ), standardised, then an MLP. ln(1+δ) of a lognormal field is
+  Gaussian, so its power spectrum is (up to the binning) sufficient for the lognormal likelihood,
+  and the three together for the Gaussian-vs-lognormal Bayes factor (the Jacobian Σ ln(1+δ)).
+  Observations are not standardised before it (ln(1+δ) needs δ itself);
 * ``deepset`` — variable-size sets ``[n_max, F + 1]`` whose last column is a 0/1 mask
   (Zaheer et al. 2017): a per-element MLP, masked mean pooling plus log(count), and an MLP.
 """
@@ -23,9 +28,20 @@ from torch import Tensor, nn
 
 from .errors import SbipipeError
 
-__all__ = ["EMBEDDINGS", "CNNEmbedding", "DeepSetEmbedding", "IdentityEmbedding", "MLPEmbedding", "PowerSpectrumEmbedding", "auto_embedding", "build_embedding"]
+__all__ = [
+    "EMBEDDINGS",
+    "CNNEmbedding",
+    "DeepSetEmbedding",
+    "IdentityEmbedding",
+    "MLPEmbedding",
+    "PowerSpectrumEmbedding",
+    "auto_embedding",
+    "build_embedding",
+    "observation_statistics",
+    "statistics_shape",
+]
 
-EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "deepset")
+EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "deepset")
 
 
 class IdentityEmbedding(nn.Module):
@@ -77,9 +93,12 @@ class CNNEmbedding(nn.Module):
 
 
 class PowerSpectrumEmbedding(nn.Module):
-    """log P(|k|) of ``[N, N]`` fields in ``N/2`` integer-|k| bins (k = 0 excluded), then an MLP."""
+    """log P(|k|) of ``[N, N]`` fields in ``N/2`` integer-|k| bins (k = 0 excluded), then an MLP.
 
-    def __init__(self, x_shape: Sequence[int], hidden: int = 128, out_features: int = 32):
+    ``log_field=True`` (the ``log-power`` embedding) adds log P of ln(1+δ) and the pixel mean of
+    ln(1+δ) (δ clamped at −1 + 10⁻⁶), standardised by :meth:`fit_features` from training fields."""
+
+    def __init__(self, x_shape: Sequence[int], hidden: int = 128, out_features: int = 32, log_field: bool = False):
         super().__init__()
         n = int(x_shape[-1])
         if len(x_shape) != 2 or x_shape[0] != n:
@@ -97,13 +116,40 @@ class PowerSpectrumEmbedding(nn.Module):
         ok = (kmag >= 1) & (kmag <= n_bins)
         onehot[torch.arange(kmag.numel())[ok], kmag[ok] - 1] = weight.flatten()[ok]
         self.register_buffer("bins", onehot / onehot.sum(0), persistent=False)  # mean over each shell
-        self.net = nn.Sequential(nn.Linear(n_bins, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+        self.log_field = bool(log_field)
+        n_features = 2 * n_bins + 1 if self.log_field else n_bins
+        if self.log_field:
+            self.register_buffer("feature_mean", torch.zeros(n_features))
+            self.register_buffer("feature_std", torch.ones(n_features))
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, out_features))
         self.out_features = out_features
 
+    def _log_power(self, x: Tensor) -> Tensor:
+        p = torch.fft.rfft2(x, norm="ortho").abs().square().flatten(-2)
+        return torch.log(p @ self.bins + 1e-12)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The summaries the MLP sees (before standardisation): ``[B, N/2]`` or ``[B, N + 1]``."""
+        x = x.float()
+        if not self.log_field:
+            return self._log_power(x)
+        y = torch.log1p(x.clamp_min(-1 + 1e-6))
+        return torch.cat([self._log_power(x), self._log_power(y), y.mean((-2, -1)).unsqueeze(-1)], -1)
+
+    @torch.no_grad()
+    def fit_features(self, x: Tensor) -> None:
+        """Mean and scale of :meth:`features` over training fields ``x`` (``log-power`` only)."""
+        if self.log_field:
+            f = torch.cat([self.features(c) for c in x.split(4096)]).double()
+            self.feature_mean.copy_(f.mean(0).float())
+            self.feature_std.copy_(f.std(0).clamp_min(1e-8).float())
+
     def forward(self, x: Tensor) -> Tensor:
-        p = torch.fft.rfft2(x.float(), norm="ortho").abs().square().flatten(-2)
-        return self.net(torch.log(p @ self.bins + 1e-8))
+        f = self.features(x)
+        if self.log_field:
+            f = (f - self.feature_mean) / self.feature_std
+        return self.net(f)
 
 
 class DeepSetEmbedding(nn.Module):
@@ -149,10 +195,41 @@ def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Modu
         if len(shape) not in (2, 3):
             raise SbipipeError(f"the cnn embedding needs [H, W] or [C, H, W] observations, got {list(shape)}")
         return CNNEmbedding(shape, circular=kind == "cnn-circular", **kwargs)
-    if kind == "power":
-        return PowerSpectrumEmbedding(shape, **kwargs)
+    if kind in ("power", "log-power"):
+        return PowerSpectrumEmbedding(shape, log_field=kind == "log-power", **kwargs)
     if kind == "deepset":
         if len(shape) != 2:
             raise SbipipeError(f"the deepset embedding needs [n, features + mask] observations, got {list(shape)}")
         return DeepSetEmbedding(shape, **kwargs)
     raise SbipipeError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)}")
+
+
+def statistics_shape(kind: str, x_shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the mean and scale that standardise observations before embedding ``kind``:
+    per feature (vectors), per column (sets) or one number (images and fields)."""
+    if kind in ("identity", "mlp"):
+        return tuple(x_shape)
+    if kind == "deepset":
+        return (int(x_shape[-1]),)
+    return ()
+
+
+@torch.no_grad()
+def observation_statistics(kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and scale (float32) of training observations ``x [B, ...]`` for embedding ``kind``:
+    per column over real set members for ``deepset`` (the mask column passes through), none
+    (0 and 1) for ``log-power``, which needs δ itself, else as :func:`statistics_shape` says."""
+    x = x.double()
+    if kind == "deepset":
+        mask = x[..., -1:]
+        n = mask.sum((0, 1)).clamp_min(1)
+        mean = (x * mask).sum((0, 1)) / n
+        std = (((x - mean) ** 2 * mask).sum((0, 1)) / n).sqrt()
+        mean[-1], std[-1] = 0.0, 1.0
+    elif kind == "log-power":
+        mean, std = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
+    elif kind in ("identity", "mlp"):
+        mean, std = x.mean(0), x.std(0)
+    else:
+        mean, std = x.mean(), x.std()
+    return mean.float(), std.clamp_min(1e-6).float()

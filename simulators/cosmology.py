@@ -329,6 +329,8 @@ class CosmoLognormal(_CosmoField):
     module docstring); observation ``[N, N]`` float32."""
 
     name = "cosmo_lognormal"
+    #: ln(1+δ) is the Gaussian field, so its power spectrum is the sufficient statistic
+    embedding = "log-power"
 
     def __init__(self, *args: float, mean_density: Literal["field", "ensemble"] = "field", **kwargs: float) -> None:
         super().__init__(*args, **kwargs)
