@@ -5,7 +5,7 @@
 * ``cnn`` — 2-D fields and images ``[H, W]`` (or ``[C, H, W]``): strided convolutions, optionally
   with circular padding for periodic fields, then global average pooling;
 * ``power`` — periodic 2-D fields ``[N, N]``: the log of the azimuthally binned power spectrum
-  (``N/2`` bins of integer |k| in grid units), then an MLP. For a statistically isotropic Gaussian
+  (bins of integer |k| in grid units, 1 to N/√2 so no mode is dropped), then an MLP. For a statistically isotropic Gaussian
   field the power spectrum is a sufficient statistic, so nothing is lost, and it costs one FFT per
   field instead of a CNN. Simulators name it as their preferred embedding (``embedding = "power"``);
 * ``log-power`` — lognormal-like fields ``[N, N]`` with δ > −1: the binned log power of δ and of
@@ -93,7 +93,7 @@ class CNNEmbedding(nn.Module):
 
 
 class PowerSpectrumEmbedding(nn.Module):
-    """log P(|k|) of ``[N, N]`` fields in ``N/2`` integer-|k| bins (k = 0 excluded), then an MLP.
+    """log P(|k|) of ``[N, N]`` fields in integer-|k| bins from 1 to the corner N/√2, then an MLP.
 
     ``log_field=True`` (the ``log-power`` embedding) adds log P of ln(1+δ) and the pixel mean of
     ln(1+δ) (δ clamped at −1 + 10⁻⁶), standardised by :meth:`fit_features` from training fields."""
@@ -106,7 +106,9 @@ class PowerSpectrumEmbedding(nn.Module):
         ky = torch.fft.fftfreq(n) * n
         kx = torch.fft.rfftfreq(n) * n
         kmag = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).round().long().flatten()
-        n_bins = n // 2
+        # every mode up to the grid's corner |k| = N/√2: dropping the corners (|k| > N/2) shifts the
+        # cosmo_gaussian posterior by up to 1σ along the Ω_m–σ_8 degeneracy (a binned-likelihood check)
+        n_bins = int(kmag.max())
         # rfft2 halves the plane: columns 1..N/2-1 stand for two modes each (k and −k)
         weight = torch.full((n, n // 2 + 1), 2.0)
         weight[:, 0] = 1.0
@@ -130,7 +132,7 @@ class PowerSpectrumEmbedding(nn.Module):
         return torch.log(p @ self.bins + 1e-12)
 
     def features(self, x: Tensor) -> Tensor:
-        """The summaries the MLP sees (before standardisation): ``[B, N/2]`` or ``[B, N + 1]``."""
+        """The summaries the MLP sees (before standardisation): ``[B, K]`` or ``[B, 2K + 1]``."""
         x = x.float()
         if not self.log_field:
             return self._log_power(x)
