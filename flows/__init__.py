@@ -1,6 +1,6 @@
 """Prefect flows: thin wrappers over :mod:`sbipipe` (between tasks travel file paths and content hashes).
 
-One module per flow: ``simulate``, ``train``, ``validate``, ``pipeline``, ``infer``, ``inbox``;
-``serve`` serves them as deployments (``sbipipe serve``)."""
+One module per flow: ``simulate``, ``train``, ``validate``, ``pipeline``, ``infer``, ``inbox``,
+``source_posterior``; ``serve`` serves them as deployments (``sbipipe serve``)."""
 
-__all__ = ["inbox", "infer", "pipeline", "serve", "simulate", "train", "validate"]
+__all__ = ["inbox", "infer", "pipeline", "serve", "simulate", "source_posterior", "train", "validate"]

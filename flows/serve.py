@@ -28,6 +28,7 @@ FLOWS = {
     "pipeline": "flows.pipeline:pipeline",
     "infer": "flows.infer:infer",
     "inbox": "flows.inbox:inbox",
+    "source-posterior": "flows.source_posterior:source_posterior",
 }
 _KEYS = {"flow", "name", "parameters", "cron", "interval", "tags", "description", "in_process", "workers",
          "poll_seconds", "paused", "timezone"}

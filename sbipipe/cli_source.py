@@ -68,71 +68,14 @@ def source_posterior_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (the prior network).")] = "cpu",
 ) -> None:
     """Posterior samples of the source image behind a known lens, with a score-based prior."""
-    from .atomic import check_writable
-    from .errors import SbipipeError
-    from .observations import load_observation
     from .progress import row_progress
-    from .source_posterior import (
-        ConvolvedLikelihood,
-        lens_matrix,
-        load_source_prior,
-        parse_lens,
-        sample_source_posterior,
-        write_source_posterior,
-    )
+    from .source_posterior import reconstruct_source
 
-    if n < 1:
-        raise SbipipeError(f"-n must be at least 1, got {n}")
-    if noise_std <= 0:
-        raise SbipipeError(f"--noise-std must be positive, got {noise_std}")
-    check_writable(output)
-    lens_params = parse_lens(lens)
-    src_prior = load_source_prior(prior, device=device)
-    matrix, _, shape = lens_matrix(lens_params, src_prior.pixels, src_prior.pixel_scale)
-    x = load_observation(observation, shape=shape, name="lensed image")
-    if len(x) != 1:
-        raise SbipipeError(f"{str(observation)!r} holds {len(x)} images; give one observation")
-    like = ConvolvedLikelihood(matrix, x[0], noise_std, src_prior.data_scale, device=src_prior.device)
     with row_progress("source posterior") as update:
-        post = sample_source_posterior(src_prior, like, n, steps=steps, corrector_steps=corrector_steps, snr=snr,
-                                       seed=seed, progress=update)
-    attrs = {"prior": str(prior), "observation": str(observation), "noise_std": noise_std,
-             "pixel_scale": src_prior.pixel_scale, **{f"lens_{k}": v for k, v in lens_params.items()}}
-    write_source_posterior(output, post, x[0], attrs)
-    if plot is not None:
-        _plot(plot, x[0], post, matrix, src_prior.pixel_scale, noise_std)
-    chi2 = post.chi2_per_pixel
-    _say(f"{output}: {n} source samples [{src_prior.pixels}x{src_prior.pixels}] of {src_prior.pixel_scale}\"; "
-         f"chi2/pixel of the posterior mean {post.chi2_mean:.3f}, of the samples {float(chi2.mean()):.3f} "
-         f"(min {float(chi2.min()):.3f}, max {float(chi2.max()):.3f}); total flux "
-         f"{float(post.samples.sum((1, 2)).mean()):.1f} +- {float(post.samples.sum((1, 2)).std()):.1f}"
-         + (f"; plot {plot}" if plot else ""))
-
-
-def _plot(path: Path, observation, post, matrix, pixel_scale: float, noise_std: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
-    from .atomic import atomic_path
-
-    model = (matrix.float() @ post.mean.reshape(-1).float()).reshape(observation.shape)
-    half = post.mean.shape[-1] * pixel_scale / 2
-    panels = [("observation", observation, None), ("posterior mean", post.mean, half),
-              ("posterior std", post.std, half), ("sample 1", post.samples[0], half),
-              ("residual / sigma", (observation - model) / noise_std, None)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
-    for ax, (title, img, h) in zip(axes, panels):
-        kw = {"extent": (-h, h, -h, h)} if h else {}
-        if title.startswith("residual"):
-            im = ax.imshow(img.numpy(), origin="lower", cmap="RdBu_r", vmin=-3, vmax=3, **kw)
-        else:
-            im = ax.imshow(torch.as_tensor(img).numpy(), origin="lower", cmap="magma", **kw)
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+        r = reconstruct_source(prior, lens, observation, output, n=n, steps=steps, corrector_steps=corrector_steps,
+                               snr=snr, noise_std=noise_std, seed=seed, device=device, plot=plot, progress=update)
+    chi2 = r["chi2_samples"]
+    _say(f"{output}: {n} source samples [{r['pixels']}x{r['pixels']}] of {r['pixel_scale']}\"; "
+         f"chi2/pixel of the posterior mean {r['chi2_mean']:.3f}, of the samples {chi2['mean']:.3f} "
+         f"(min {chi2['min']:.3f}, max {chi2['max']:.3f}); total flux "
+         f"{r['flux']['mean']:.1f} +- {r['flux']['std']:.1f}" + (f"; plot {plot}" if plot else ""))
