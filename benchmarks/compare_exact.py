@@ -53,22 +53,28 @@ from sbipipe.comparison import (  # noqa: E402
     train_comparison,
 )
 from sbipipe.comparison_plots import bayes_factor_plot  # noqa: E402
+from sbipipe.nets import EMBEDDINGS  # noqa: E402
 from sbipipe.registry import get_simulator  # noqa: E402
+
+
+#: embedding_kwargs per embedding (the CNN's channel count the cached cnn-circular runs used)
+EMBEDDING_KWARGS = {"cnn": {"channels": 8}, "cnn-circular": {"channels": 8}}
 
 
 def task_setup(task: str) -> dict:
     from simulators.cosmology import CosmoGaussian, CosmoLognormal
 
+    # "legacy": the embedding the cached model directories without an embedding tag were trained with
     if task == "cosmo":
         return {"models": [get_simulator("cosmo_gaussian"), get_simulator("cosmo_lognormal")], "exact": "grid",
-                "n": 4000, "embedding": "cnn-circular", "embedding_kwargs": {"channels": 8}, "test": 20}
+                "n": 4000, "embedding": "cnn-circular", "legacy": "cnn-circular", "test": 20}
     if task == "cosmo-weak":
         kw = {"n": 32, "slab_depth": 10_000.0}
         return {"models": [CosmoGaussian(**kw), CosmoLognormal(**kw)], "exact": "grid",
-                "n": 40_000, "embedding": "cnn-circular", "embedding_kwargs": {"channels": 8}, "test": 100}
+                "n": 40_000, "embedding": "cnn-circular", "legacy": "cnn-circular", "test": 100}
     if task == "dwarf":
         return {"models": [get_simulator("dwarf_cored"), get_simulator("dwarf_cusp")], "exact": "importance",
-                "n": 100_000, "embedding": "deepset", "embedding_kwargs": {}, "test": 100}
+                "n": 100_000, "embedding": "deepset", "legacy": "deepset", "test": 100}
     raise SystemExit(f"unknown task {task!r}")
 
 
@@ -139,6 +145,8 @@ def main() -> None:
     p.add_argument("--ensemble", type=int, default=1)
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--embedding", default=None, choices=[e for e in EMBEDDINGS if e != "auto"],
+                   help="classifier embedding (default: the task's); part of the cached model directory's name")
     p.add_argument("--augment", action="store_true", help="random flips/transposes of the fields while training")
     p.add_argument("--points", type=int, default=101, help="fine-grid points per parameter (odd, points//2 even)")
     p.add_argument("--coarse", type=int, default=41, help="points per parameter of the grid that locates the peak")
@@ -153,6 +161,9 @@ def main() -> None:
     work = Path(args.workdir) / args.task
     work.mkdir(parents=True, exist_ok=True)
     n = args.n or setup["n"]
+    embedding = args.embedding or setup["embedding"]
+    emb_kwargs = EMBEDDING_KWARGS.get(embedding, {})
+    tag = "" if embedding == setup["legacy"] else f"_{embedding}"
     m = args.test or setup["test"]
     a, b = setup["models"]
     gen = torch.Generator().manual_seed(987_654 + args.seed)
@@ -173,11 +184,11 @@ def main() -> None:
     for loss in args.losses.split(","):
         out = work / (f"clf_{loss}_n{n}_e{args.ensemble}_seed{args.seed}"
                       + (f"_bs{args.batch_size}_ep{args.max_epochs}" if args.batch_size else "")
-                      + ("_aug" if args.augment else ""))
+                      + ("_aug" if args.augment else "") + tag)
         if not (out / "card.json").exists():
             t1 = time.perf_counter()
-            train_comparison([a, b], out, n=n, loss=loss, embedding=setup["embedding"], ensemble=args.ensemble,
-                             embedding_kwargs=setup["embedding_kwargs"], max_epochs=args.max_epochs, seed=args.seed,
+            train_comparison([a, b], out, n=n, loss=loss, embedding=embedding, ensemble=args.ensemble,
+                             embedding_kwargs=emb_kwargs, max_epochs=args.max_epochs, seed=args.seed,
                              batch_size=args.batch_size, augment=args.augment,
                              calibration_rows=5000, device="cpu",
                              progress=lambda k, row: print(f"  {loss} member {k} epoch {row['epoch']}: "
@@ -192,7 +203,8 @@ def main() -> None:
         diff = np.abs(est - lk)[window]
         sign_ok = np.mean(np.sign(est[finite]) == np.sign(lk[finite]))
         cal = comp.card["calibration"]
-        row = {"task": args.task, "loss": loss, "ensemble": args.ensemble, "n_per_model": n,
+        row = {"task": args.task, "loss": loss, "embedding": comp.card["architecture"]["embedding"],
+               "ensemble": args.ensemble, "n_per_model": n,
                "batch_size": comp.card["training"]["config"]["batch_size"],
                "augment": comp.card["architecture"].get("augment", False),
                "test_obs": len(lk), "in_window": int(window.sum()),
@@ -209,13 +221,13 @@ def main() -> None:
         row["flagged_at_1e-3"] = flags
         results.append(row)
         print(json.dumps(row))
-        bayes_factor_plot(np.where(finite, lk, np.sign(lk) * 1e3), est, work / f"logk_{loss}.png",
-                          title=(f"{a.name} vs {b.name} ({args.task}), {loss} loss, {n} sims/model\n"
+        bayes_factor_plot(np.where(finite, lk, np.sign(lk) * 1e3), est, work / f"logk_{loss}{tag}.png",
+                          title=(f"{a.name} vs {b.name} ({args.task}), {loss} loss, {embedding}, {n} sims/model\n"
                                  f"median |Δ ln K| {row['median_abs_dlogk']:.3f} over {row['in_window']} obs with |ln K| < 5"),
                           labels=truth, label_names=[a.name, b.name],
                           exact_label="exact ln K (" + ("grid quadrature" if setup["exact"] == "grid"
                                                         else "importance sampling") + ")")
-    pd.DataFrame(results).to_csv(work / f"results_seed{args.seed}.csv", index=False)
+    pd.DataFrame(results).to_csv(work / f"results_seed{args.seed}{tag}.csv", index=False)
     print(f"plots and tables in {work}")
 
 

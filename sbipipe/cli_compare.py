@@ -76,22 +76,10 @@ def run_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
 ) -> None:
     """Posterior model probabilities (and the log Bayes factor for two models) per observation."""
-    from .atomic import atomic_path, check_writable
-    from .comparison import load_comparison
-    from .observations import load_observation
-    from .registry import get_simulator
+    from .comparison import compare_observation
 
-    comp = load_comparison(model, device=device)
-    check_writable(output)
-    try:
-        sim = get_simulator(comp.names[0])
-        sim = sim if tuple(sim.observation_shape) == comp.observation_shape else None
-    except SbipipeError:
-        sim = None
-    x = load_observation(observation, sim, comp.observation_shape, "comparison")
-    table = comp.table(x, prior=prior, level=misspecification_level)
-    with atomic_path(output) as tmp:
-        table.to_csv(tmp, index=False)
+    comp, table = compare_observation(model, observation, output, prior=prior, level=misspecification_level,
+                                      device=device)
     view = Table("obs", *comp.names, *(["ln K"] if len(comp.names) == 2 else []), "most probable", "misspec. p", box=None)
     for _, row in table.head(20).iterrows():
         view.add_row(str(row["observation"]), *(f"{row[nm]:.4f}" for nm in comp.names),

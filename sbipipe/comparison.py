@@ -63,6 +63,7 @@ __all__ = [
     "LOSSES",
     "ModelClassifier",
     "ModelComparison",
+    "compare_observation",
     "confusion_matrix",
     "evidence_loss",
     "expected_calibration_error",
@@ -381,7 +382,7 @@ def summary_statistics(x: Tensor, kind: str, bins: int = 8) -> Tensor:
             for j in range(i + 1, f):
                 feats += [(z[..., i] * z[..., j]).sum(1, keepdim=True) / n, (sq[..., i] * sq[..., j]).sum(1, keepdim=True) / n]
         return torch.cat([*feats, n.log()], -1)
-    if kind in ("cnn", "cnn-circular"):
+    if kind in ("cnn", "cnn-circular", "power", "log-power"):
         img = x.reshape(len(x), -1, *x.shape[-2:])
         flat = img.flatten(1)
         mean, std = flat.mean(1, keepdim=True), flat.std(1, keepdim=True).clamp_min(1e-12)
@@ -715,6 +716,27 @@ def load_comparison(directory: str | os.PathLike, device: str = "cpu") -> ModelC
     dev = resolve_device(device)
     ood = {k: v for k, v in weights.items() if k.startswith("ood.")}
     return ModelComparison([m.to(dev) for m in members], card, ood, dev)
+
+
+def compare_observation(model: str | os.PathLike | ModelComparison, observation: str | os.PathLike,
+                        output: str | os.PathLike, prior: str | Sequence[float] | None = None,
+                        level: float = DEFAULT_LEVEL, device: str = "cpu") -> tuple[ModelComparison, pd.DataFrame]:
+    """Posterior model probabilities of an observation file (one observation or a stack) written
+    to the CSV ``output`` (atomically): :meth:`ModelComparison.table`, one row per observation.
+    ``model``: a model-comparison directory or a loaded :class:`ModelComparison`. Returns both.
+    ``sbipipe compare run`` and the ``compare`` flow call this."""
+    from .atomic import check_writable
+    from .observations import load_observation
+
+    comp = model if isinstance(model, ModelComparison) else load_comparison(model, device=device)
+    check_writable(output)
+    sim = _optional_simulator(comp.names[0])
+    sim = sim if sim is not None and tuple(sim.observation_shape) == comp.observation_shape else None
+    x = load_observation(observation, sim, comp.observation_shape, "comparison")
+    table = comp.table(x, prior=prior, level=level)
+    with atomic_path(output) as tmp:
+        table.to_csv(tmp, index=False)
+    return comp, table
 
 
 # -- exact evidences for checks ----------------------------------------------------------------------
