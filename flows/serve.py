@@ -29,6 +29,7 @@ FLOWS = {
     "infer": "flows.infer:infer",
     "inbox": "flows.inbox:inbox",
     "source-posterior": "flows.source_posterior:source_posterior",
+    "compare": "flows.compare:compare",
 }
 _KEYS = {"flow", "name", "parameters", "cron", "interval", "tags", "description", "in_process", "workers",
          "poll_seconds", "paused", "timezone"}

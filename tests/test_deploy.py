@@ -14,7 +14,7 @@ import yaml
 from .service_helpers import REPO, service  # noqa: F401  (service: session fixture)
 
 DEPLOY = REPO / "deploy"
-GPU_FLOWS = {"pipeline", "validate", "source-posterior"}  # they train, evaluate or sample networks
+GPU_FLOWS = {"pipeline", "validate", "source-posterior", "compare"}  # they train, evaluate or sample networks
 
 
 def _flow_at(entrypoint: str):
