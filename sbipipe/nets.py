@@ -5,7 +5,8 @@
 * ``cnn`` — 2-D fields and images ``[H, W]`` (or ``[C, H, W]``): strided convolutions, optionally
   with circular padding for periodic fields, then global average pooling;
 * ``power`` — periodic 2-D fields ``[N, N]``: the log of the azimuthally binned power spectrum
-  (bins of integer |k| in grid units, 1 to N/√2 so no mode is dropped), then an MLP. For a statistically isotropic Gaussian
+  (exact shells up to |k| = 3, then bins of integer |k| in grid units up to N/√2, so no mode is
+  dropped), then an MLP. For a statistically isotropic Gaussian
   field the power spectrum is a sufficient statistic, so nothing is lost, and it costs one FFT per
   field instead of a CNN. Simulators name it as their preferred embedding (``embedding = "power"``);
 * ``log-power`` — lognormal-like fields ``[N, N]`` with δ > −1: the binned log power of δ and of
@@ -93,7 +94,8 @@ class CNNEmbedding(nn.Module):
 
 
 class PowerSpectrumEmbedding(nn.Module):
-    """log P(|k|) of ``[N, N]`` fields in integer-|k| bins from 1 to the corner N/√2, then an MLP.
+    """log P(|k|) of ``[N, N]`` fields, then an MLP: one shell per distinct |k| ≤ 3, then integer-|k|
+    bins up to the grid's corner N/√2 (k = 0 left out).
 
     ``log_field=True`` (the ``log-power`` embedding) adds log P of ln(1+δ) and the pixel mean of
     ln(1+δ) (δ clamped at −1 + 10⁻⁶), standardised by :meth:`fit_features` from training fields."""
@@ -105,9 +107,15 @@ class PowerSpectrumEmbedding(nn.Module):
             raise SbipipeError(f"the power embedding needs square [N, N] fields, got {list(x_shape)}")
         ky = torch.fft.fftfreq(n) * n
         kx = torch.fft.rfftfreq(n) * n
-        kmag = torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).round().long().flatten()
-        # every mode up to the grid's corner |k| = N/√2: dropping the corners (|k| > N/2) shifts the
-        # cosmo_gaussian posterior by up to 1σ along the Ω_m–σ_8 degeneracy (a binned-likelihood check)
+        k2 = (ky[:, None] ** 2 + kx[None, :] ** 2).round().long().flatten()
+        # one shell per distinct |k| up to |k| = 3 (where P(k) bends most across a unit bin), then
+        # integer |k| bins up to the grid's corner N/√2. A binned-likelihood check on cosmo_gaussian
+        # (tests/test_nets.py) shows why: dropping the corners (|k| > N/2) shifted posteriors by up to
+        # 1σ along the Ω_m–σ_8 degeneracy, and unit bins at |k| ≤ 3 by up to 0.36σ; these bins stay < 0.1σ.
+        low = torch.unique(k2[(k2 >= 1) & (k2 <= 9)])
+        shell = torch.searchsorted(low, k2)
+        kmag = torch.where(k2 > 9, len(low) + k2.double().sqrt().round().long() - 3, shell)
+        kmag = torch.where(k2 == 0, -1, kmag) + 1  # bin index + 1; 0 = the k = 0 mode, left out
         n_bins = int(kmag.max())
         # rfft2 halves the plane: columns 1..N/2-1 stand for two modes each (k and −k)
         weight = torch.full((n, n // 2 + 1), 2.0)
@@ -118,6 +126,7 @@ class PowerSpectrumEmbedding(nn.Module):
         ok = (kmag >= 1) & (kmag <= n_bins)
         onehot[torch.arange(kmag.numel())[ok], kmag[ok] - 1] = weight.flatten()[ok]
         self.register_buffer("bins", onehot / onehot.sum(0), persistent=False)  # mean over each shell
+        self.register_buffer("mode_counts", onehot.sum(0), persistent=False)  # full-plane modes per shell
         self.log_field = bool(log_field)
         n_features = 2 * n_bins + 1 if self.log_field else n_bins
         if self.log_field:
