@@ -11,19 +11,29 @@ Tasks:
 * ``cosmo`` — ``cosmo_gaussian`` vs ``cosmo_lognormal`` exactly as registered (64×64). Their
   pixel variance is 0.19–0.55, so the lognormal skewness gives |ln K| in the hundreds or more
   (a Gaussian field with some δ ≤ −1 has ln K = −∞): the |ln K| < 5 check is empty there and
-  this task reports the range of exact ln K and the classifier's accuracy.
+  this task reports the range of exact ln K and the classifier's accuracy. Default embedding
+  ``log-power``, as for ``cosmo-weak``.
 * ``cosmo-weak`` — the same two simulators on a 32×32 grid of the same box with a slab depth
   of 10 Gpc/h (pixel variance 0.0017–0.0038), so that |ln K| is O(1): the quantitative check.
+  Default embedding ``log-power`` (binned log power of δ and of ln(1+δ) and the mean of ln(1+δ):
+  up to the binning the sufficient statistics of both likelihoods); ``--embedding cnn-circular``
+  gives the CNN.
 * ``dwarf`` — ``dwarf_cored`` vs ``dwarf_cusp`` (100 stars), evidences by importance sampling.
 
-Run (2 shared CPU cores; the figures in README came from these commands)::
+Run (2 shared CPU cores; the figures in README came from these commands, with the options listed
+in its table)::
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task cosmo-weak --workdir /tmp/cmp
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task dwarf --workdir /tmp/cmp
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task cosmo --workdir /tmp/cmp
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task cosmo-weak --losses ce,evidence --workdir /tmp/cmp
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task cosmo-weak --embedding cnn-circular --batch-size 128 --max-epochs 40 --losses ce --workdir /tmp/cmp
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task dwarf --test 50 --workdir /tmp/cmp
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/compare_exact.py --task cosmo --losses ce --workdir /tmp/cmp
 
 Exact values and trained classifiers are cached in the work directory, so a re-run only redoes
-what is missing.
+what is missing. A model directory's name carries the loss, simulations per model, ensemble size,
+seed, batch size/epochs when given, ``_aug`` and the embedding when it is not the one the first
+runs used (``cnn-circular`` for the cosmology tasks, ``deepset`` for dwarfs), e.g.
+``clf_ce_n40000_e1_seed0_log-power``; the plot is ``logk_LOSS[_EMBEDDING][_eE].png`` and the
+table ``results_seedS[_EMBEDDING][_eE].csv`` (``_eE`` for ensembles of E > 1).
 """
 
 from __future__ import annotations
@@ -67,11 +77,11 @@ def task_setup(task: str) -> dict:
     # "legacy": the embedding the cached model directories without an embedding tag were trained with
     if task == "cosmo":
         return {"models": [get_simulator("cosmo_gaussian"), get_simulator("cosmo_lognormal")], "exact": "grid",
-                "n": 4000, "embedding": "cnn-circular", "legacy": "cnn-circular", "test": 20}
+                "n": 4000, "embedding": "log-power", "legacy": "cnn-circular", "test": 20}
     if task == "cosmo-weak":
         kw = {"n": 32, "slab_depth": 10_000.0}
         return {"models": [CosmoGaussian(**kw), CosmoLognormal(**kw)], "exact": "grid",
-                "n": 40_000, "embedding": "cnn-circular", "legacy": "cnn-circular", "test": 100}
+                "n": 40_000, "embedding": "log-power", "legacy": "cnn-circular", "test": 100}
     if task == "dwarf":
         return {"models": [get_simulator("dwarf_cored"), get_simulator("dwarf_cusp")], "exact": "importance",
                 "n": 100_000, "embedding": "deepset", "legacy": "deepset", "test": 100}
@@ -164,6 +174,7 @@ def main() -> None:
     embedding = args.embedding or setup["embedding"]
     emb_kwargs = EMBEDDING_KWARGS.get(embedding, {})
     tag = "" if embedding == setup["legacy"] else f"_{embedding}"
+    ens = f"_e{args.ensemble}" if args.ensemble > 1 else ""
     m = args.test or setup["test"]
     a, b = setup["models"]
     gen = torch.Generator().manual_seed(987_654 + args.seed)
@@ -221,13 +232,14 @@ def main() -> None:
         row["flagged_at_1e-3"] = flags
         results.append(row)
         print(json.dumps(row))
-        bayes_factor_plot(np.where(finite, lk, np.sign(lk) * 1e3), est, work / f"logk_{loss}{tag}.png",
-                          title=(f"{a.name} vs {b.name} ({args.task}), {loss} loss, {embedding}, {n} sims/model\n"
+        bayes_factor_plot(np.where(finite, lk, np.sign(lk) * 1e3), est, work / f"logk_{loss}{tag}{ens}.png",
+                          title=(f"{a.name} vs {b.name} ({args.task})\n{loss} loss, {embedding} embedding, "
+                                 f"{n} sims/model, ensemble {args.ensemble}\n"
                                  f"median |Δ ln K| {row['median_abs_dlogk']:.3f} over {row['in_window']} obs with |ln K| < 5"),
                           labels=truth, label_names=[a.name, b.name],
                           exact_label="exact ln K (" + ("grid quadrature" if setup["exact"] == "grid"
                                                         else "importance sampling") + ")")
-    pd.DataFrame(results).to_csv(work / f"results_seed{args.seed}{tag}.csv", index=False)
+    pd.DataFrame(results).to_csv(work / f"results_seed{args.seed}{tag}{ens}.csv", index=False)
     print(f"plots and tables in {work}")
 
 
