@@ -244,6 +244,8 @@ app.add_typer(source_prior_app, name="source-prior")
 app.command("source-posterior")(source_posterior_cmd)
 from .cli_compare import compare_app  # noqa: E402
 app.add_typer(compare_app, name="compare")
+from .cli_emulator import emulator_app  # noqa: E402
+app.add_typer(emulator_app, name="emulator")
 from .cli_service import service_app  # noqa: E402  (server, flow, models, serve, submit)
 
 app.add_typer(service_app)

@@ -71,6 +71,10 @@ def get_simulator(spec: str | Any) -> Simulator:
     """A simulator from a short name, an import path, or an object that meets the contract."""
     if not isinstance(spec, str):
         return as_simulator(spec)
+    if spec.startswith("emulator:"):  # a trained diffusion emulator: emulator:MODEL_DIR
+        from .emulator import load_emulator
+
+        return load_emulator(spec[len("emulator:"):])
     builtins = _builtins()
     if spec in builtins:
         return _instantiate(load_object(builtins[spec]), spec)
