@@ -121,6 +121,9 @@ def check_cmd(
     target: Annotated[float, typer.Option(help="Tolerance on |P_emu/P_sim - 1| in every k bin.")] = 0.03,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    inference: Annotated[bool, typer.Option("--inference", help="Also train NPEs on emulated and on simulated banks and compare their C2ST against exact reference posteriors (slow).")] = False,
+    inference_sims: Annotated[int, typer.Option(help="Rows of each bank of the inference check.")] = 5000,
+    inference_observations: Annotated[int, typer.Option(help="Simulated observations of the inference check.")] = 3,
 ) -> None:
     """Compare emulated and simulated fields: power spectrum ratio per k bin, one-point PDF, throughput."""
     from .emulator import emulator_check
@@ -128,10 +131,17 @@ def check_cmd(
 
     with row_progress("emulator check") as update:
         s = emulator_check(model, output, grid=grid, n_per_theta=n_per_theta, n_reference=n_reference, sampler=sampler,
-                           steps=steps, stochastic=stochastic, target=target, seed=seed, device=device, progress=update)
+                           steps=steps, stochastic=stochastic, target=target, seed=seed, device=device, inference=inference,
+                           inference_options={"n_train": inference_sims, "observations": inference_observations},
+                           progress=update)
     p, ks, tp = s["power"], s["ks"], s["throughput"]
     verdict = "meets" if p["meets_target"] else "does NOT meet"
     _say(f"{output}: max |P_emu/P_sim - 1| = {p['max_abs_dev']:.4f} over {s['thetas']} thetas x {p['bins']} k bins "
          f"({verdict} the {p['target']:.0%} target; {p['max_dev_over_err']:.1f} sigma); one-point KS max "
          f"{ks['max']:.4f} (noise floor {ks['floor_max']:.4f}); {tp['emulator_per_s']:.1f} emulated vs "
          f"{tp['simulator_per_s']:.0f} simulated fields/s on {tp['device']}")
+    if inference:
+        inf = s["inference"]
+        _say(f"inference: C2ST against the exact posterior {inf['c2st_emulated_mean']:.3f} (NPE on emulated fields) vs "
+             f"{inf['c2st_simulated_mean']:.3f} (on simulated), largest difference {inf['max_abs_difference']:.3f} "
+             f"({'meets' if inf['meets_target'] else 'does NOT meet'} the 0.05 target)")

@@ -78,6 +78,7 @@ from .training import TensorData, TrainConfig, fit, resolve_device
 __all__ = [
     "Emulator",
     "emulator_check",
+    "inference_consistency",
     "load_emulator",
     "reference_simulator",
     "theta_grid",
@@ -202,6 +203,12 @@ class Emulator(Simulator):
     @property
     def parameter_units(self) -> list[str]:
         return list(getattr(self.base, "parameter_units", [""] * self.dim))
+
+    @property
+    def embedding(self) -> str | None:
+        """The simulator's preferred NPE embedding (e.g. ``log-power``), so NPE on emulated banks
+        summarises the fields as it would the simulated ones."""
+        return getattr(self.base, "embedding", None)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.base.sample_prior(n, generator) if self.base is not None else super().sample_prior(n, generator)
@@ -604,6 +611,8 @@ def emulator_check(
     examples: int = 3,
     seed: int = 0,
     device: str = "cpu",
+    inference: bool = False,
+    inference_options: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Compare the emulator with its simulator over a ``grid``^D grid of θ (:func:`theta_grid`):
@@ -615,7 +624,9 @@ def emulator_check(
       in units of the sampling error, per θ the one-point PDF KS distance emulated vs simulated and
       its noise floor (KS between two independent simulated sets of ``n_per_theta`` fields), and
       throughput (fields/s) of emulator and simulator on this machine;
-    * ``power_ratio.png``, ``pdf.png``, ``examples.png``.
+    * ``power_ratio.png``, ``pdf.png``, ``examples.png``;
+    * with ``inference``: ``inference.csv`` and a summary entry from :func:`inference_consistency`
+      (``inference_options`` are its keyword arguments).
 
     Returns the summary."""
     from simulators.cosmology import binned_power
@@ -693,8 +704,81 @@ def emulator_check(
         "files": ["metrics.csv", "summary.json", "power_ratio.png", "pdf.png", "examples.png"],
     }
     _plots(out, table, pdfs, example_pairs, emu.parameter_names, target)
+    if inference:
+        summary["inference"] = inference_consistency(emu, out / "inference", seed=seed, **dict(inference_options or {}))
+        summary["files"].append("inference/inference.csv")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def inference_consistency(
+    emulator: Emulator,
+    output_dir: str | os.PathLike,
+    n_train: int = 5000,
+    observations: int = 3,
+    n_posterior: int = 1000,
+    embedding: str = "auto",
+    max_epochs: int | None = None,
+    reference_options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    r"""Does inference on emulated fields agree with inference on simulated ones? Simulate a bank
+    of ``n_train`` rows with the simulator and one with the emulator (same θ draws: same seed),
+    train one NPE on each (:func:`sbipipe.npe.train_posterior`, same settings), and for
+    ``observations`` *simulated* observations at θ drawn from the prior compare both NPEs'
+    ``n_posterior`` draws with the exact reference posterior (:func:`sbipipe.reference.reference_posterior`,
+    the simulator's likelihood) by C2ST (:func:`sbipipe.c2st.c2st`; 0.5 = indistinguishable).
+    Target: the emulator-trained NPE's C2ST within 0.05 of the simulator-trained one's. Writes
+    ``output_dir/inference.csv`` (one row per observation) and returns a summary."""
+    import pandas as pd
+
+    from .bank import simulate_bank
+    from .c2st import c2st
+    from .npe import train_posterior
+    from .reference import reference_posterior
+    from .simulator import has_likelihood
+
+    sim = emulator.base
+    if sim is None or not has_likelihood(sim):
+        raise SbipipeError("the inference check needs the emulator's simulator with an exact log_likelihood")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    banks = {}
+    for label, source in (("simulated", sim), ("emulated", emulator)):
+        path = out / f"bank_{label}.h5"
+        if path.exists():
+            path.unlink()
+        # chunks no larger than the bank: simulate_bank draws whole chunks (10,000 rows by default)
+        banks[label] = simulate_bank(source, path, n_train, seed=seed, chunk_size=min(n_train, 1000))
+    seconds_banks = time.perf_counter() - t0
+    posts = {label: train_posterior(banks[label].path, out / f"npe_{label}", embedding=embedding, device="cpu",
+                                    max_epochs=max_epochs, seed=seed) for label in banks}
+    seconds_npe = time.perf_counter() - t0 - seconds_banks
+    gen = torch.Generator().manual_seed(seed + 77)
+    theta_obs = sim.sample_prior(observations, gen)
+    x_obs = sim.simulate(theta_obs, gen)
+    rows = []
+    for i in range(observations):
+        ref = reference_posterior(sim, x_obs[i], n=n_posterior, seed=seed + i, **dict(reference_options or {}))
+        row: dict[str, Any] = {"observation": i, **{n: float(theta_obs[i, d]) for d, n in enumerate(sim.parameter_names)},
+                               "reference_converged": bool(ref.diagnostics.get("converged", True))}
+        for label, post in posts.items():
+            draws = post.sample(x_obs[i], n_posterior, seed=seed + i)
+            row[f"c2st_{label}"] = float(c2st(draws, ref.samples, seed=seed + 1))
+        row["c2st_difference"] = row["c2st_emulated"] - row["c2st_simulated"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    with atomic_path(out / "inference.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    worst = float(table["c2st_difference"].abs().max())
+    return {"n_train": n_train, "observations": observations, "n_posterior": n_posterior,
+            "c2st_simulated_mean": float(table["c2st_simulated"].mean()),
+            "c2st_emulated_mean": float(table["c2st_emulated"].mean()),
+            "max_abs_difference": worst, "target": 0.05, "meets_target": bool(worst <= 0.05),
+            "embedding": posts["emulated"].card["architecture"]["embedding"],
+            "seconds_banks": round(seconds_banks, 1), "seconds_npe": round(seconds_npe, 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _example_indices(n: int, k: int) -> set[int]:

@@ -268,3 +268,22 @@ def test_cli_missing_dir_one_line(tmp_path, capsys):
     assert code == 1 and len(lines) == 1 and "does not exist" in lines[0], err
     code, _, err = run(capsys, "emulator", "train", tmp_path / "none.h5", "-o", tmp_path / "m")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "does not exist" in err, err
+
+
+@pytest.mark.slow
+def test_inference_consistency_runs(model, tmp_path, monkeypatch):
+    """The inference part of the check end to end at toy size (its numbers mean nothing here); the
+    MCMC reference is replaced by prior draws to keep the test short (its own tests cover it)."""
+    import sbipipe.reference
+    from sbipipe.emulator import inference_consistency
+    from sbipipe.reference import ReferencePosterior
+
+    def fake_reference(sim, x, n, seed=0, **kwargs):
+        return ReferencePosterior(sim.sample_prior(n, torch.Generator().manual_seed(seed)), {"converged": True})
+
+    monkeypatch.setattr(sbipipe.reference, "reference_posterior", fake_reference)
+    emu = load_emulator(model, steps=4)
+    r = inference_consistency(emu, tmp_path / "inf", n_train=60, observations=1, n_posterior=50, max_epochs=1)
+    table = pd.read_csv(tmp_path / "inf" / "inference.csv")
+    assert len(table) == 1 and {"c2st_emulated", "c2st_simulated", "c2st_difference"} <= set(table.columns)
+    assert 0 <= r["c2st_emulated_mean"] <= 1 and r["embedding"] == "log-power"
