@@ -437,7 +437,8 @@ def train_emulator(
     model = ScoreModel(net, sigma_data=SIGMA_DATA, ema_decay=ema_decay)
     config = TrainConfig(max_epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs + 1, seed=seed,
                          device=str(dev), threads=threads)
-    loss = (lambda m, z, u: m.loss(_augment(z), u)) if augment else None
+    # augment the training batches only: validation keeps its fixed fields (and fixed noise)
+    loss = (lambda m, z, u: m.loss(_augment(z) if m.training else z, u)) if augment else None
     deadline = None if max_seconds is None else t0 + float(max_seconds)
     train_data = _EpochData(enc(y_tr), cond(theta_tr), per_epoch=samples_per_epoch, deadline=deadline)
     history = fit(model, train_data, TensorData(enc(y_va), cond(theta_va)), config,
