@@ -63,6 +63,7 @@ __all__ = [
     "LOSSES",
     "ModelClassifier",
     "ModelComparison",
+    "candidates_embedding",
     "compare_observation",
     "confusion_matrix",
     "evidence_loss",
@@ -104,6 +105,22 @@ def evidence_loss(log_k: Tensor, label: Tensor, clamp: float = 50.0) -> Tensor:
 
 
 # -- the classifier ----------------------------------------------------------------------------------
+
+#: preferred embeddings whose summaries contain another's (log-power holds the power of δ itself)
+_COVERS = {"log-power": {"power"}}
+
+
+def candidates_embedding(simulators: Sequence[Any], x_shape: Sequence[int]) -> str:
+    """``--embedding auto`` for a comparison: the candidates' preferred embedding (``embedding``
+    attribute) when they agree, or the one whose summaries contain the others' (``power`` and
+    ``log-power`` → ``log-power``: both likelihoods, and so their ratio, depend on the data through
+    it); otherwise one chosen from the observation shape."""
+    preferred = {getattr(s, "embedding", None) for s in simulators}
+    for kind in preferred:
+        if kind is not None and preferred - {kind} <= _COVERS.get(kind, set()):
+            return kind
+    return auto_embedding(x_shape)
+
 
 
 def random_dihedral(x: Tensor) -> Tensor:
@@ -582,11 +599,11 @@ def train_comparison(
     else:
         x_cal, y_cal, cal_source = x_val, y_val, "validation split (also used for early stopping)"
     # -- members ---------------------------------------------------------------------------------
-    kind = auto_embedding(x_shape) if embedding == "auto" else embedding
+    kind = candidates_embedding(sims, x_shape) if embedding == "auto" else embedding
     batch_size = batch_size or default_batch_size(len(x_train))
     config = TrainConfig(
         max_epochs=max_epochs or default_max_epochs(len(x_train), batch_size), batch_size=batch_size,
-        device=str(dev), seed=seed, threads=1 if kind in ("identity", "mlp", "deepset") else None,
+        device=str(dev), seed=seed, threads=1 if kind in ("identity", "mlp", "power", "log-power", "deepset") else None,
         **(train_options or {}),
     )
     arch = {"kind": KIND, "loss": loss, "embedding": kind, "embedding_kwargs": embedding_kwargs or {},

@@ -330,3 +330,15 @@ def test_compare_commands(tmp_path, capsys):
     assert [m["bank"] for m in comp.card["models"]] == [str(b.resolve()) for b in banks]
     with pytest.raises(SbipipeError, match="fewer than -n 500"):
         train_comparison(banks, tmp_path / "more", n=500)
+
+
+def test_auto_embedding_is_the_one_sufficient_for_every_candidate():
+    from sbipipe.comparison import candidates_embedding
+    from sbipipe.registry import get_simulator
+    from simulators.cosmology import CosmoGaussian, CosmoLognormal
+
+    fields = (64, 64)
+    assert candidates_embedding([CosmoGaussian(), CosmoLognormal()], fields) == "log-power"
+    assert candidates_embedding([CosmoGaussian(), CosmoGaussian(n=64, slab_depth=50.0)], fields) == "power"
+    assert candidates_embedding([CosmoGaussian(), None], fields) == "cnn"  # a bank whose simulator is unknown
+    assert candidates_embedding([get_simulator("dwarf_cored"), get_simulator("dwarf_cusp")], (100, 3)) == "deepset"
