@@ -103,7 +103,7 @@ def sample_cmd(
     values = parse_theta(theta, load_emulator(model))
     r = write_emulated(model, values, n, output, sampler=sampler, steps=steps, stochastic=stochastic, seed=seed,
                        device=device)
-    _say(f"{output}: {n} emulated fields {r['shape']} at {dict(zip(r['parameter_names'], r['theta']))} "
+    _say(f"{output}: {n} emulated fields {r['shape']} at {', '.join(f'{k}={v:.6g}' for k, v in zip(r['parameter_names'], r['theta']))} "
          f"({r['sampler']}, {r['evaluations_per_sample']} network evaluations each, {r['seconds']:.2f} s); "
          f"mean {r['mean']:.4g}, std {r['std']:.4g}")
 
