@@ -111,7 +111,7 @@ class PowerSpectrumEmbedding(nn.Module):
         # one shell per distinct |k| up to |k| = 3 (where P(k) bends most across a unit bin), then
         # integer |k| bins up to the grid's corner N/√2. A binned-likelihood check on cosmo_gaussian
         # (tests/test_nets.py) shows why: dropping the corners (|k| > N/2) shifted posteriors by up to
-        # 1σ along the Ω_m–σ_8 degeneracy, and unit bins at |k| ≤ 3 by up to 0.36σ; these bins stay < 0.1σ.
+        # 0.75σ along the Ω_m–σ_8 degeneracy, and unit bins at |k| ≤ 3 by up to 0.15σ; these stay ≤ 0.05σ.
         low = torch.unique(k2[(k2 >= 1) & (k2 <= 9)])
         shell = torch.searchsorted(low, k2)
         kmag = torch.where(k2 > 9, len(low) + k2.double().sqrt().round().long() - 3, shell)

@@ -56,7 +56,7 @@ def test_log_power_embedding_sees_the_gaussian_field_of_a_lognormal_one():
 def test_binned_power_keeps_the_gaussian_field_posterior():
     """The power embedding's shells are (nearly) sufficient: the likelihood of the binned power,
     ½ Σ_b n_b [−P̂_b/λ̄_b(θ) − ln λ̄_b(θ)] (n_b modes of the full k plane), gives the exact cosmo_gaussian posterior mean within 0.1σ
-    on a 201×201 prior grid (integer |k| bins up to N/2 shifted it by up to 1σ)."""
+    on a 201×201 prior grid (integer |k| bins up to N/2 shifted it by up to 0.75σ)."""
     sim = CosmoGaussian()
     emb = PowerSpectrumEmbedding(sim.observation_shape)
     axes = [torch.linspace(lo, hi, 201, dtype=torch.float64) for lo, hi in zip(sim.low, sim.high)]
