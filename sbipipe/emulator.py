@@ -49,7 +49,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -465,10 +464,8 @@ def train_emulator(
         "packages": package_versions(),
     }
     model = model.cpu()
-    write_model(out, {f"net.{k}": v for k, v in model.ema.net.state_dict().items()}, card)
-    with atomic_path(out / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    write_model(out, {f"net.{k}": v for k, v in model.ema.net.state_dict().items()}, card,
+                history=history, checkpoints=ckpt_dir)
     return load_emulator(out)
 
 

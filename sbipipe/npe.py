@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,8 +181,5 @@ def train_posterior(
         "x_std": members[0].x_std.flatten()[:64].tolist(),
     }
     tensors = {f"member{k}.{name}": t for k, m in enumerate(members) for name, t in m.state_dict().items()}
-    write_model(out, tensors, card)
-    with atomic_path(out / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    write_model(out, tensors, card, history=history, checkpoints=ckpt_dir)
     return Posterior(members, {"format": "sbipipe.model/1", **card})

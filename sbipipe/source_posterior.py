@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -558,10 +557,8 @@ def train_source_prior(
         "packages": package_versions(),
     }
     model = model.cpu()
-    write_model(out, {f"net.{k}": v for k, v in model.ema.net.state_dict().items()}, card)
-    with atomic_path(out / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    write_model(out, {f"net.{k}": v for k, v in model.ema.net.state_dict().items()}, card,
+                history=history, checkpoints=ckpt_dir)
     return SourcePrior(model.ema, data_scale, pixels, pixel_scale, {"format": "sbipipe.model/1", **card})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_model(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
-    """Write weights first, then the card (a directory with a card is complete)."""
+def write_model(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], card: dict[str, Any],
+                history: Any | None = None, checkpoints: str | os.PathLike | None = None) -> Path:
+    """Write weights and ``history.csv`` (a DataFrame of the training loop's losses) first, then the
+    card (a directory with a card is complete), then delete the ``checkpoints`` folder, if given."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -46,7 +49,12 @@ def write_model(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], 
         raise SbipipeError(f"cannot create model directory {str(directory)!r}: {exc.strerror}") from None
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    if history is not None:
+        with atomic_path(directory / "history.csv") as tmp:
+            history.to_csv(tmp, index=False)
     atomic_write_text(directory / CARD, json.dumps({"format": FORMAT, **card}, indent=2) + "\n")
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return directory
 
 

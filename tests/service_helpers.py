@@ -172,3 +172,23 @@ def _log(line: str) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(line + "\n")
+
+
+def finished_run(service: Service, run_id, what: str) -> tuple[object, list, dict[str, dict]]:
+    """A finished flow run: the run, its task runs once all are final, and its artifacts by type."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from sbipipe.service import api_request
+
+    with service.settings(), get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+
+        def tasks():
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            return runs if runs and all(r.state and r.state.is_final() for r in runs) else None
+
+        runs = wait_for(tasks, timeout=60, what=what)
+    artifacts = api_request(service.api, "POST", "/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [str(run_id)]}}, "sort": "CREATED_DESC", "limit": 20, "offset": 0})
+    return run, runs, {a["type"]: a for a in artifacts if a["type"]}

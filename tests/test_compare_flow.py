@@ -11,16 +11,12 @@ import pandas as pd
 import torch
 
 from sbipipe.comparison import train_comparison
-from sbipipe.service import api_request
 
-from .service_helpers import service, wait_for  # noqa: F401  (service: session fixture)
+from .service_helpers import finished_run, service  # noqa: F401  (service: session fixture)
 from .test_comparison import FAST, box_pair, cli
 
 
 def test_compare_flow_writes_the_cli_table_and_publishes_artifacts(service, tmp_path, capsys):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.compare import compare
 
     clf = tmp_path / "clf"
@@ -53,20 +49,9 @@ def test_compare_flow_writes_the_cli_table_and_publishes_artifacts(service, tmp_
     assert code == 0 and "1 of 5 observation(s) are unlike" in err, err
     assert (tmp_path / "cli.csv").read_bytes() == out.read_bytes()
 
-    run_id = state.state_details.flow_run_id
-    with service.settings(), get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-        assert run.name == f"compare clf: {tmp_path.name}/obs.npy"
-
-        def tasks():
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-            return runs if runs and all(r.state and r.state.is_final() for r in runs) else None
-
-        runs = wait_for(tasks, timeout=60, what="the classification task run")
+    run, runs, by_type = finished_run(service, state.state_details.flow_run_id, "the classification task run")
+    assert run.name == f"compare clf: {tmp_path.name}/obs.npy"
     assert [(r.name, "gpu" in r.tags) for r in runs] == [(run.name, True)]
-    artifacts = api_request(service.api, "POST", "/artifacts/filter", {
-        "artifacts": {"flow_run_id": {"any_": [str(run_id)]}}, "sort": "CREATED_DESC", "limit": 20, "offset": 0})
-    by_type = {a["type"]: a for a in artifacts if a["type"]}
     assert set(by_type) == {"markdown", "table", "image"}
     markdown = by_type["markdown"]["data"]
     for fragment in ("# Model comparison: obs.npy", "| models | box_wide, box_shifted |",

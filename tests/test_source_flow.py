@@ -10,17 +10,13 @@ import h5py
 import numpy as np
 import torch
 
-from sbipipe.service import api_request
 from sbipipe.source_posterior import reconstruct_source, train_source_prior
 from simulators.lensing import LensSIEShear
 
-from .service_helpers import service, wait_for  # noqa: F401  (service: session fixture)
+from .service_helpers import finished_run, service  # noqa: F401  (service: session fixture)
 
 
 def test_source_posterior_flow_writes_the_cli_file_and_publishes_artifacts(service, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.source_posterior import source_posterior
 
     prior = tmp_path / "prior"
@@ -53,20 +49,9 @@ def test_source_posterior_flow_writes_the_cli_file_and_publishes_artifacts(servi
         for key in f.attrs:
             assert str(f.attrs[key]) == str(g.attrs[key]), key
 
-    run_id = state.state_details.flow_run_id
-    with service.settings(), get_client(sync_client=True) as client:
-        run = client.read_flow_run(run_id)
-        assert run.name == f"source posterior of {tmp_path.name}/obs.npy"
-
-        def tasks():
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-            return runs if runs and all(r.state and r.state.is_final() for r in runs) else None
-
-        runs = wait_for(tasks, timeout=60, what="the sampling task run")
+    run, runs, by_type = finished_run(service, state.state_details.flow_run_id, "the sampling task run")
+    assert run.name == f"source posterior of {tmp_path.name}/obs.npy"
     assert [(r.name, "gpu" in r.tags) for r in runs] == [(run.name, True)]
-    artifacts = api_request(service.api, "POST", "/artifacts/filter", {
-        "artifacts": {"flow_run_id": {"any_": [str(run_id)]}}, "sort": "CREATED_DESC", "limit": 20, "offset": 0})
-    by_type = {a["type"]: a for a in artifacts if a["type"]}
     assert set(by_type) == {"markdown", "image"}
     markdown = by_type["markdown"]["data"]
     mean_chi2 = f"chi2/pixel of the posterior mean | **{result['chi2_mean']:.3f}**"
