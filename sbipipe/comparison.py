@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .atomic import atomic_path
 from .bank import SimulationBank, simulate_bank, validation_mask
 from .errors import SbipipeError
-from .nets import EMBEDDINGS, auto_embedding, build_embedding, observation_statistics, statistics_shape
+from .nets import EMBEDDINGS, auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
 from .registry import get_simulator
 from .simulator import Simulator, check_observation, has_likelihood
 from .store import package_versions, read_card, read_weights, write_model
@@ -171,18 +171,11 @@ class ModelClassifier(nn.Module):
     def fit_standardization(self, x: Tensor) -> None:
         """Mean and scale of x (:func:`sbipipe.nets.observation_statistics`), and the embedding's
         own feature statistics where it has them."""
-        mean, std = observation_statistics(self.embedding_kind, x)
-        self.x_mean.copy_(mean)
-        self.x_std.copy_(std)
-        if hasattr(self.embedding, "fit_features"):
-            self.embedding.fit_features((x - self.x_mean) / self.x_std)
+        fit_observation_statistics(self, x)
 
     def embed(self, x: Tensor) -> Tensor:
         """Embedding e(x) ``[B, E]`` of raw observations ``x [B, ...]``."""
-        z = (x - self.x_mean) / self.x_std
-        if self.embedding_kind == "deepset":
-            z = z * z[..., -1:]  # padding rows stay exactly zero
-        return self.embedding(z)
+        return embed_observations(self, x)
 
     def logits_from_embedding(self, e: Tensor) -> Tensor:
         out = self.head(e)

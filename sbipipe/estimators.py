@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import SbipipeError
-from .nets import auto_embedding, build_embedding, observation_statistics, statistics_shape
+from .nets import auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
 
 __all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds"]
 
@@ -131,18 +131,11 @@ class ConditionalEstimator(nn.Module):
         u, _ = self.support.inverse(theta)
         self.u_mean.copy_(u.mean(0).float())
         self.u_std.copy_(u.std(0).clamp_min(1e-6).float())
-        mean, std = observation_statistics(self.embedding_kind, x)
-        self.x_mean.copy_(mean)
-        self.x_std.copy_(std)
-        if hasattr(self.embedding, "fit_features"):
-            self.embedding.fit_features((x - self.x_mean) / self.x_std)
+        fit_observation_statistics(self, x)
 
     def context(self, x: Tensor) -> Tensor:
         """The embedding e(x) of standardised observations ``x [B, ...]``: ``[B, C]``."""
-        x = (x - self.x_mean) / self.x_std
-        if self.embedding_kind == "deepset":
-            x = x * x[..., -1:]  # keep padding rows at exactly zero
-        return self.embedding(x)
+        return embed_observations(self, x)
 
     def standardize(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """``z`` (float32) and ``log |dz/dθ|`` (float64, ``[B]``), so log q(θ) = log q_z(z) + that."""

@@ -38,6 +38,8 @@ __all__ = [
     "PowerSpectrumEmbedding",
     "auto_embedding",
     "build_embedding",
+    "embed_observations",
+    "fit_observation_statistics",
     "observation_statistics",
     "statistics_shape",
 ]
@@ -244,3 +246,25 @@ def observation_statistics(kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
     else:
         mean, std = x.mean(), x.std()
     return mean.float(), std.clamp_min(1e-6).float()
+
+
+@torch.no_grad()
+def fit_observation_statistics(owner: nn.Module, x: Tensor) -> None:
+    """Set ``owner.x_mean``/``x_std`` (buffers of :func:`statistics_shape`) from training observations
+    ``x``, and the embedding's own feature statistics where it has them (``fit_features``).
+    ``owner`` holds ``embedding_kind``, ``embedding`` and the two buffers (an NPE member or a
+    model-comparison classifier)."""
+    mean, std = observation_statistics(owner.embedding_kind, x)
+    owner.x_mean.copy_(mean)
+    owner.x_std.copy_(std)
+    if hasattr(owner.embedding, "fit_features"):
+        owner.embedding.fit_features((x - owner.x_mean) / owner.x_std)
+
+
+def embed_observations(owner: nn.Module, x: Tensor) -> Tensor:
+    """``owner.embedding`` of standardised observations ``x [B, ...]``: ``[B, E]`` (the padding rows
+    of sets stay exactly zero)."""
+    z = (x - owner.x_mean) / owner.x_std
+    if owner.embedding_kind == "deepset":
+        z = z * z[..., -1:]
+    return owner.embedding(z)
