@@ -122,7 +122,6 @@ def candidates_embedding(simulators: Sequence[Any], x_shape: Sequence[int]) -> s
     return auto_embedding(x_shape)
 
 
-
 def random_dihedral(x: Tensor) -> Tensor:
     """Each image of ``x [B, (C,) H, W]`` flipped along H, along W and (square images) transposed,
     each with probability ½ (the 8 symmetries of the square; torch's global RNG)."""
