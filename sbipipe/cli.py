@@ -222,7 +222,7 @@ def validate_cmd(
                                  device=device, progress=update)
     import pandas as pd
 
-    metrics = pd.read_csv(output / "metrics.csv").fillna("")
+    metrics = pd.read_csv(output / "metrics.csv").astype(object).fillna("")  # blanks for missing cells
     view = Table("metric", "parameter", "observation", "value", "threshold", "passed", box=None)
     for _, row in metrics.iterrows():
         thr = "" if row["threshold"] == "" else f"{float(row['threshold']):.3g}"
