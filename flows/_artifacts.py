@@ -6,19 +6,36 @@ import base64
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 __all__ = ["artifact_key", "fmt", "markdown_table", "png_data_uri", "publish_image", "publish_markdown",
-           "publish_table", "short_path"]
+           "publish_table", "run_names", "short_path"]
 
 
 def artifact_key(*parts: Any) -> str:
     """A key the API accepts: lowercase letters, digits and dashes."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", "-".join(map(str, parts)).lower())).strip("-")[:120]
+
+
+def run_names(name: Callable[[dict[str, Any]], str]) -> tuple[Callable[[], str], Callable[[], str]]:
+    """``(task_run_name, flow_run_name)`` callables that name a run from its parameters with ``name``
+    (a task and its flow share the parameters that name them)."""
+
+    def task_name() -> str:
+        from prefect.runtime import task_run
+
+        return name(task_run.parameters)
+
+    def flow_name() -> str:
+        from prefect.runtime import flow_run
+
+        return name(flow_run.parameters)
+
+    return task_name, flow_name
 
 
 def short_path(path: Any) -> str:

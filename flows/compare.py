@@ -20,6 +20,7 @@ from ._artifacts import (
     publish_image,
     publish_markdown,
     publish_table,
+    run_names,
     short_path,
 )
 
@@ -30,16 +31,7 @@ def _name(parameters: dict[str, Any]) -> str:
     return f"compare {Path(str(parameters['classifier'])).name}: {short_path(parameters['observation'])}"
 
 
-def _task_name() -> str:
-    from prefect.runtime import task_run
-
-    return _name(task_run.parameters)
-
-
-def _flow_name() -> str:
-    from prefect.runtime import flow_run
-
-    return _name(flow_run.parameters)
+_task_name, _flow_name = run_names(_name)
 
 
 @task(name="classify-observations", task_run_name=_task_name, tags=["gpu"])

@@ -15,6 +15,7 @@ from ._artifacts import (
     png_data_uri,
     publish_image,
     publish_markdown,
+    run_names,
     short_path,
 )
 
@@ -25,16 +26,7 @@ def _name(parameters: dict[str, Any]) -> str:
     return f"source posterior of {short_path(parameters['observation'])}"
 
 
-def _task_name() -> str:
-    from prefect.runtime import task_run
-
-    return _name(task_run.parameters)
-
-
-def _flow_name() -> str:
-    from prefect.runtime import flow_run
-
-    return _name(flow_run.parameters)
+_task_name, _flow_name = run_names(_name)
 
 
 @task(name="sample-source-posterior", task_run_name=_task_name, tags=["gpu"])

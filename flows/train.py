@@ -10,23 +10,12 @@ from prefect import flow, get_run_logger, task
 
 from sbipipe.store import CARD
 
-from ._artifacts import artifact_key, markdown_table, publish_markdown, short_path
+from ._artifacts import artifact_key, markdown_table, publish_markdown, run_names, short_path
 
 __all__ = ["train", "train_estimator"]
 
 
-def _task_name() -> str:
-    from prefect.runtime import task_run
-
-    p = task_run.parameters
-    return f"train {p['estimator']} on {short_path(p['bank'])}"
-
-
-def _flow_name() -> str:
-    from prefect.runtime import flow_run
-
-    p = flow_run.parameters
-    return f"train {p['estimator']} on {short_path(p['bank'])}"
+_task_name, _flow_name = run_names(lambda p: f"train {p['estimator']} on {short_path(p['bank'])}")
 
 
 @task(name="train-estimator", task_run_name=_task_name, tags=["gpu"])
