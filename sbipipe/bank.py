@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ class SimulationBank:
             raise SbipipeError(
                 f"cannot read {str(self.path)!r} as HDF5 ({_short(exc)}); the file is corrupt or not a bank"
             ) from None
-        self.rows = int(self.attrs["rows"])
+        self.rows = _committed(self.attrs).rows
         if self.rows > stored:
             raise SbipipeError(f"{str(self.path)!r} is corrupt: {self.rows} rows committed but {stored} stored")
 
@@ -303,6 +303,7 @@ def _create(path: Path, simulator: Simulator, seed: int, chunk_size: int, x_shap
         a["torch_version"] = str(torch.__version__)
         a["created"] = a["updated"] = _now()
         a["rows"] = a["next_chunk"] = a["chunk_offset"] = a["dropped"] = 0
+        a["commit"] = np.zeros(4, dtype=np.int64)
 
 
 def _read_state(path: Path, simulator: Simulator, seed: int | None, chunk_size: int | None) -> tuple[_State, int, int]:
@@ -323,8 +324,18 @@ def _read_state(path: Path, simulator: Simulator, seed: int | None, chunk_size: 
         )
     if bank.theta_shape != (simulator.dim,):
         raise SbipipeError(f"{str(path)!r} stores theta of shape {list(bank.theta_shape)}, expected [{simulator.dim}]")
-    state = _State(int(a["rows"]), int(a.get("next_chunk", 0)), int(a.get("chunk_offset", 0)), int(a.get("dropped", 0)))
-    return state, stored_seed, stored_chunk
+    return _committed(a), stored_seed, stored_chunk
+
+
+def _committed(attrs: Any) -> _State:
+    """The writer state of the last completed append: the single ``commit`` attribute
+    ``[rows, next_chunk, chunk_offset, dropped]``, written in one call so that a writer killed
+    mid-commit cannot leave the row count and the chunk position disagreeing (the separate
+    attributes mirror it for readers; banks written before it existed fall back to them)."""
+    if "commit" in attrs:
+        return _State(*(int(v) for v in attrs["commit"]))
+    return _State(int(attrs["rows"]), int(attrs.get("next_chunk", 0)), int(attrs.get("chunk_offset", 0)),
+                  int(attrs.get("dropped", 0)))
 
 
 def _append(path: Path, state: _State, pieces: list[tuple[Tensor, Tensor]]) -> int:
@@ -333,13 +344,14 @@ def _append(path: Path, state: _State, pieces: list[tuple[Tensor, Tensor]]) -> i
         t_ds, x_ds = f["theta"], f["x"]
         theta = (torch.cat([t for t, _ in pieces]) if len(pieces) > 1 else pieces[0][0]).numpy()
         x = (torch.cat([x for _, x in pieces]) if len(pieces) > 1 else pieces[0][1]).numpy()
-        old = int(f.attrs["rows"])
+        old = _committed(f.attrs).rows
         new = old + len(theta)
         t_ds.resize(new, axis=0)
         x_ds.resize(new, axis=0)
         t_ds[old:new] = theta
         x_ds[old:new] = x
         f.flush()  # data on disk before the row count that makes it visible
+        f.attrs["commit"] = np.array([new, state.next_chunk, state.chunk_offset, state.dropped], dtype=np.int64)
         f.attrs["rows"] = new
         f.attrs["next_chunk"] = state.next_chunk
         f.attrs["chunk_offset"] = state.chunk_offset
@@ -351,7 +363,11 @@ def _append(path: Path, state: _State, pieces: list[tuple[Tensor, Tensor]]) -> i
 
 def _truncate_to_committed(path: Path) -> None:
     with h5py.File(path, "a") as f:
-        rows = int(f.attrs["rows"])
+        st = _committed(f.attrs)
+        for key, value in zip(("rows", "next_chunk", "chunk_offset", "dropped"), astuple(st)):
+            if "commit" in f.attrs and int(f.attrs.get(key, -1)) != value:
+                f.attrs[key] = value  # mirrors left behind by a writer killed mid-commit
+        rows = st.rows
         for name in ("theta", "x"):
             if f[name].shape[0] != rows:
                 f[name].resize(rows, axis=0)

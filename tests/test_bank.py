@@ -182,3 +182,22 @@ def test_sigkill_mid_write_then_resume_equals_uninterrupted_run(sims):
     assert done.returncode == 0, done.stderr
     assert np.array_equal(_data(bank)[0], _data(ref)[0]) and np.array_equal(_data(bank)[1], _data(ref)[1])
     assert not (sims / "bank.h5.lock").exists()
+
+
+def test_writer_killed_between_commit_and_mirrors_resumes_exactly(tmp_path):
+    """A writer killed after the one-call ``commit`` attribute but before the separate ``rows`` /
+    ``next_chunk`` mirrors: readers and the resumed writer follow ``commit``, so the chunk is
+    neither appended twice nor lost."""
+    whole = simulate_bank("two_moons", tmp_path / "whole.h5", 500, seed=2, chunk_size=100)
+    part = tmp_path / "part.h5"
+    simulate_bank("two_moons", part, 300, seed=2, chunk_size=100)
+    with h5py.File(part, "a") as f:  # the state an append of chunk 3 leaves if killed mid-commit
+        f["theta"].resize(400, axis=0)
+        f["x"].resize(400, axis=0)
+        f["theta"][300:], f["x"][300:] = whole.read(300, 400)[0].numpy(), whole.read(300, 400)[1].numpy()
+        f.attrs["commit"] = np.array([400, 4, 0, 0], dtype=np.int64)
+        f.attrs["rows"] = 400  # next_chunk still says 3
+    assert SimulationBank(part).rows == 400
+    resumed = simulate_bank("two_moons", part, 500, seed=2, chunk_size=100)
+    assert resumed.rows == 500 and resumed.content_hash() == whole.content_hash()
+    assert int(SimulationBank(part).attrs["next_chunk"]) == 5
