@@ -97,22 +97,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def api_request(api_url: str, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
-    """One JSON request to a Prefect API; ``None`` for a 404."""
+def api_request(api_url: str, method: str, path: str, body: Any = None, timeout: float = 5.0,
+                retry_for: float = 30.0) -> Any:
+    """One JSON request to a Prefect API; ``None`` for a 404.
+
+    A 503 (the server's database is busy, e.g. SQLite locked while it starts its services) is
+    retried with backoff for up to ``retry_for`` seconds before it becomes an error."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(api_url.rstrip("/") + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise SbipipeError(f"Prefect API {method} {path} answered {exc.code}: {exc.read()[:200]!r}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise SbipipeError(f"cannot reach the Prefect API at {api_url} ({getattr(exc, 'reason', exc)}); "
-                           "is the server running? (`sbipipe server status`)") from None
-    return json.loads(raw) if raw else None
+    deadline, wait = time.monotonic() + retry_for, 0.25
+    while True:
+        req = urllib.request.Request(api_url.rstrip("/") + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            if exc.code == 503 and time.monotonic() + wait < deadline:
+                time.sleep(wait)
+                wait = min(2 * wait, 4.0)
+                continue
+            raise SbipipeError(f"Prefect API {method} {path} answered {exc.code}: {exc.read()[:200]!r}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise SbipipeError(f"cannot reach the Prefect API at {api_url} ({getattr(exc, 'reason', exc)}); "
+                               "is the server running? (`sbipipe server status`)") from None
 
 
 def healthy(api_url: str) -> bool:

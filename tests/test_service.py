@@ -81,3 +81,37 @@ def test_gpu_tagged_tasks_never_overlap_under_a_limit_of_one(service):
     assert len(spans) == 3
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end, spans
+
+
+def test_api_request_retries_a_busy_server_then_reports_it(monkeypatch):
+    """Prefect answers 503 while its SQLite database is locked (seen once as CI's server start failing)."""
+    import http.server
+    import json
+
+    from sbipipe.service import api_request
+
+    answers = [503, 503, 200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            code = answers.pop(0) if answers else 503
+            body = json.dumps({"ok": True} if code == 200 else {"exception_message": "Service Unavailable"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        assert api_request(url, "POST", "/concurrency_limits/", {"tag": "gpu"}) == {"ok": True}
+        assert answers == []
+        with pytest.raises(SbipipeError, match="answered 503"):
+            api_request(url, "POST", "/concurrency_limits/", {"tag": "gpu"}, retry_for=0.6)
+    finally:
+        server.shutdown()
