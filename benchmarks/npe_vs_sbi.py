@@ -4,7 +4,7 @@
                                     [--methods ours,sbi,score,flowmatch] [--observations 5]
                                     [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N]
 
-Methods: ``ours`` — this engine's default NSF flow; ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
+Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by validation loss); ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
 ``flowmatch`` — this engine's score-based (NPSE) and flow-matching (FMPE) estimators
 (``train_posterior(..., estimator=...)`` at their defaults). For every task and simulation budget
 all methods train on the same bank (``simulate_bank(task, ..., seed=0)``; sbi gets all rows and
@@ -55,8 +55,8 @@ from sbipipe.c2st import c2st
 TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
 METHODS = ("ours", "sbi", "score", "flowmatch")
-ESTIMATOR = {"ours": "nsf", "score": "score", "flowmatch": "flowmatch"}  # this engine's methods
-LABEL = {"ours": "nsf", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch"}
+ESTIMATOR = {"ours": "auto", "score": "score", "flowmatch": "flowmatch"}  # this engine's methods
+LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch"}
 SAMPLE_SEED = 10_000  # posterior draws for observation j use SAMPLE_SEED + j (references use j)
 N_SAMPLES = 10_000
 N_REFERENCE = 10_000
@@ -324,7 +324,7 @@ def columns(methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
         head += [f"{title} {LABEL[m]}" for m in methods]
         if metric == "train_s" and {"ours", "sbi"} <= set(methods):
             keys.append("train_ratio")
-            head.append("nsf / sbi")
+            head.append(f"{LABEL['ours']} / sbi")
     return keys, head
 
 

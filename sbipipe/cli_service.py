@@ -241,7 +241,7 @@ def flow_simulate_cmd(
 def flow_train_cmd(
     bank: Annotated[Path, typer.Argument(help="Simulation bank (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
-    estimator: Annotated[str, typer.Option(help="nsf, maf or naf.")] = "nsf",
+    estimator: Annotated[str, typer.Option(help="auto (nsf or maf by validation loss), nsf, maf or naf.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Number of estimators.")] = 1,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -281,7 +281,7 @@ def flow_pipeline_cmd(
     n: Annotated[int, typer.Option("-n", help="Training simulations.")] = 20_000,
     chunk_size: Annotated[Optional[int], typer.Option(help="Simulations per chunk task.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    estimator: Annotated[str, typer.Option(help="nsf, maf or naf.")] = "nsf",
+    estimator: Annotated[str, typer.Option(help="auto (nsf or maf by validation loss), nsf, maf or naf.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Number of estimators.")] = 1,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs.")] = None,
     n_validation: Annotated[int, typer.Option(help="Test simulations of the validation.")] = 1000,

@@ -31,6 +31,7 @@ from .nets import auto_embedding, build_embedding, embed_observations, fit_obser
 __all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds"]
 
 FLOWS = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF, "naf": zuko.flows.NAF}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # hidden units of the flows' networks
 _EPS = 1e-6
 
 
@@ -162,15 +163,18 @@ class FlowPosterior(ConditionalEstimator):
         transforms: int = 5,
         hidden: int = 64,
         passes: int | None = 2,
+        activation: str = "relu",
         **flow_kwargs: Any,
     ):
         if flow not in FLOWS:
             raise SbipipeError(f"unknown estimator {flow!r}; choose one of {', '.join(FLOWS)}")
+        if activation not in ACTIVATIONS:
+            raise SbipipeError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         super().__init__(theta_dim, x_shape, lower, upper, embedding)
         # passes=2: coupling layers, so sampling costs two network passes per transform instead of D
         self.flow = FLOWS[flow](
             theta_dim, self.embedding.out_features, transforms=transforms, hidden_features=(hidden, hidden),
-            passes=min(passes or theta_dim, theta_dim), **flow_kwargs,
+            passes=min(passes or theta_dim, theta_dim), activation=ACTIVATIONS[activation], **flow_kwargs,
         )
 
     def loss(self, theta: Tensor, x: Tensor) -> Tensor:

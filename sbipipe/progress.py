@@ -38,8 +38,10 @@ def row_progress(description: str, enabled: bool | None = None) -> Iterator[Call
 
 
 @contextlib.contextmanager
-def epoch_progress(description: str, members: int = 1, enabled: bool | None = None) -> Iterator[Callable[[int, dict], None]]:
-    """Yield ``report(member, row)`` for training epochs; shows the losses on a terminal."""
+def epoch_progress(description: str, members: int = 1,
+                   enabled: bool | None = None) -> Iterator[Callable[[int | str, dict], None]]:
+    """Yield ``report(member, row)`` for training epochs (``member``: an ensemble index, or the name
+    of a candidate estimator being compared); shows the losses on a terminal."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -48,11 +50,14 @@ def epoch_progress(description: str, members: int = 1, enabled: bool | None = No
     columns = (TextColumn("[bold]{task.description}"), TextColumn("epoch {task.completed}"),
                TextColumn("{task.fields[losses]}"), TimeElapsedColumn())
     with Progress(*columns) as bar:
-        tasks: dict[int, int] = {}
+        tasks: dict[int | str, int] = {}
 
-        def report(member: int, row: dict) -> None:
+        def report(member: int | str, row: dict) -> None:
             if member not in tasks:
-                label = description + (f" [{member + 1}/{members}]" if members > 1 else "")
+                if isinstance(member, str):
+                    label = f"{description} [{member}]"
+                else:
+                    label = description + (f" [{member + 1}/{members}]" if members > 1 else "")
                 tasks[member] = bar.add_task(label, total=None, losses="")
             bar.update(tasks[member], completed=int(row["epoch"]),
                        losses=f"train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  lr {row['lr']:.1e}")

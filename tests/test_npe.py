@@ -43,21 +43,29 @@ def test_gaussian_linear_posterior_matches_the_analytic_one(gl_model):
     for m in range(3):
         exact = sim.posterior(x[m])
         # analytic posterior: mean x/2, standard deviation √0.05 ≈ 0.224 in every dimension; with
-        # 9,000 training simulations the default NSF gets the means to within about 0.4 posterior σ
-        # (measured worst dimension of three observations: 0.087) and the widths to within 16 %
-        assert torch.allclose(samples[m].mean(0), exact.mean, atol=0.12)
-        assert torch.allclose(samples[m].std(0), exact.stddev, rtol=0.2)
+        # 9,000 training simulations the default (auto: the MAF wins here) gets the means to within
+        # 0.2 posterior σ (measured worst dimension of three observations: 0.044) and the widths to
+        # within 10 % (the NSF alone: 0.095 and 17 %)
+        assert torch.allclose(samples[m].mean(0), exact.mean, atol=0.08)
+        assert torch.allclose(samples[m].std(0), exact.stddev, rtol=0.15)
         corr = torch.corrcoef(samples[m].T) - torch.eye(10)
-        assert corr.abs().max() < 0.15
+        assert corr.abs().max() < 0.1
     theta = exact.sample((200,))
     err = post.log_prob(theta, x[2]) - exact.log_prob(theta)
-    assert err.mean().abs() < 1.0 and err.std() < 1.0  # log densities agree to within a nat
+    # measured: mean -0.02, spread 0.22 nats (the NSF alone: -0.25 and 0.62)
+    assert err.mean().abs() < 0.15 and err.std() < 0.4
 
 
 def test_save_load_round_trip_and_card(gl_model, gl_bank):
     card = json.loads((gl_model / CARD).read_text())
     assert card["simulator"] == "gaussian_linear" and card["simulator_version"] == "1"
-    assert card["architecture"]["estimator"] == "nsf" and card["architecture"]["embedding"] == "identity"
+    assert card["architecture"]["embedding"] == "identity"
+    # auto trained both candidates and kept the lower validation loss: on this near-Gaussian
+    # posterior the MAF (measured 10.703 against the NSF's 10.913; the optimum is 10.72 ± 0.01)
+    selection = card["training"]["selection"]
+    assert selection["chosen"] == card["architecture"]["estimator"] == "maf"
+    assert selection["val_loss"]["maf"] < selection["val_loss"]["nsf"] - 0.1
+    assert card["architecture"]["flow_kwargs"] == {"activation": "tanh"} and card["training"]["config"]["lr"] == 5e-4
     assert len(card["training"]["bank_sha256"]) == 64 and card["training"]["seconds"] > 0
     assert card["packages"]["torch"] and math.isfinite(card["training"]["final"][0]["best_val_loss"])
     a, b = load_posterior(gl_model), load_posterior(gl_model)
@@ -124,10 +132,11 @@ def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_posterior(bank, tmp_path / "r", max_epochs=4, seed=0, progress=stop_after_two)
-    resumed_epochs = []
+    resumed = []
     post = train_posterior(bank, tmp_path / "r", max_epochs=4, seed=0, resume=True,
-                           progress=lambda k, row: resumed_epochs.append(row["epoch"]))
-    assert calls == [1, 2] and resumed_epochs == [3, 4]
+                           progress=lambda k, row: resumed.append((k, row["epoch"])))
+    # the NSF candidate continues at epoch 3, then the MAF candidate trains from the start
+    assert calls == [1, 2] and resumed == [("nsf", 3), ("nsf", 4), *(("maf", e) for e in range(1, 5))]
     theta = torch.rand(20, 2) * 2 - 1
     x = torch.tensor([0.1, 0.2])
     assert torch.allclose(post.log_prob(theta, x), first.log_prob(theta, x), atol=1e-4)  # same as uninterrupted

@@ -208,7 +208,7 @@ def test_variance_preserving_sde_and_time_grid():
 
 
 def test_unknown_estimators_and_options_fail_clearly(tm_bank, tmp_path):
-    with pytest.raises(SbipipeError, match="choose one of nsf, maf, naf, score, flowmatch"):
+    with pytest.raises(SbipipeError, match="choose auto or one of nsf, maf, naf, score, flowmatch"):
         train_posterior(tm_bank, tmp_path / "a", estimator="ddpm")
     with pytest.raises(SbipipeError, match="unknown SDE 'subvp'"):
         train_posterior(tm_bank, tmp_path / "b", estimator="score", sde="subvp")
