@@ -157,7 +157,7 @@ def train_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     estimator: Annotated[str, typer.Option(help="auto (nsf or maf, whichever has the lower validation loss), nsf, maf or naf "
                                                 "(flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "auto",
-    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power or deepset.")] = "auto",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Number of estimators combined as a mixture.")] = 1,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: about 50 steps per epoch, 64 to 512.")] = None,

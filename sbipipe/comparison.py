@@ -377,7 +377,7 @@ def summary_statistics(x: Tensor, kind: str, bins: int = 8) -> Tensor:
     log(count). Images ``[B, (C,) H, W]``: log std, mean/std, skewness and kurtosis of the pixels and
     the log power in ``bins`` log-spaced radial bins of |k|. Vectors: their first 64 values."""
     x = x.double()
-    if kind == "deepset":
+    if kind in ("deepset", "kinematics"):
         vals, mask = x[..., :-1], x[..., -1:]
         n = mask.sum(1).clamp_min(1.0)  # [B, 1]
         mean = (vals * mask).sum(1) / n
@@ -595,7 +595,7 @@ def train_comparison(
     batch_size = batch_size or default_batch_size(len(x_train))
     config = TrainConfig(
         max_epochs=max_epochs or default_max_epochs(len(x_train), batch_size), batch_size=batch_size,
-        device=str(dev), seed=seed, threads=1 if kind in ("identity", "mlp", "power", "log-power", "deepset") else None,
+        device=str(dev), seed=seed, threads=1 if kind in ("identity", "mlp", "power", "log-power", "deepset", "kinematics") else None,
         **(train_options or {}),
     )
     arch = {"kind": KIND, "loss": loss, "embedding": kind, "embedding_kwargs": embedding_kwargs or {},

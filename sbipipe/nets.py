@@ -15,7 +15,10 @@
   and the three together for the Gaussian-vs-lognormal Bayes factor (the Jacobian Σ ln(1+δ)).
   Observations are not standardised before it (ln(1+δ) needs δ itself);
 * ``deepset`` — variable-size sets ``[n_max, F + 1]`` whose last column is a 0/1 mask
-  (Zaheer et al. 2017): a per-element MLP, masked mean pooling plus log(count), and an MLP.
+  (Zaheer et al. 2017): a per-element MLP, masked mean pooling plus log(count), and an MLP;
+* ``kinematics`` — stellar line-of-sight kinematics ``[n, 3]`` = (R, v, mask): a DeepSet over
+  (ln R, ln R/R_h, v, v²) plus the surface-density, dispersion and kurtosis profiles in bins of
+  R/R_h, R_h the median radius (the dwarf galaxies' preferred embedding).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "CNNEmbedding",
     "DeepSetEmbedding",
     "IdentityEmbedding",
+    "KinematicsEmbedding",
     "MLPEmbedding",
     "PowerSpectrumEmbedding",
     "auto_embedding",
@@ -44,7 +48,7 @@ __all__ = [
     "statistics_shape",
 ]
 
-EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "deepset")
+EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "deepset", "kinematics")
 
 
 class IdentityEmbedding(nn.Module):
@@ -182,6 +186,83 @@ class DeepSetEmbedding(nn.Module):
         return self.rho(torch.cat([pooled, count.log()], -1))
 
 
+class KinematicsEmbedding(nn.Module):
+    r"""Line-of-sight stellar kinematics ``[n, 3]`` = (R, v, mask) of a pressure-supported galaxy.
+
+    Two summaries of the stars, concatenated and passed through an MLP:
+
+    * a DeepSet (masked mean of a per-star MLP) over (ln R, ln R/R_h, v, v²), R_h the galaxy's
+      median projected radius, so the heavy tail of the radii (a Plummer sphere's reaches
+      10³ r_*) does not squash the other stars;
+    * the binned Jeans summaries of the dispersion-based literature (e.g. Łokas 2002, MNRAS 333,
+      697; Richardson & Fairbairn 2014): in ``bins`` bins of ln R/R_h (edges at training
+      quantiles) the fraction of stars, ln(1 + ⟨v²⟩) and the kurtosis ⟨v⁴⟩/⟨v²⟩² — the
+      surface-density, velocity-dispersion and kurtosis profiles in units of the galaxy's own
+      size, which carry the mass and anisotropy information — with ln R_h and ln N.
+
+    Observations are not standardised before it; :meth:`fit_features` standardises both summaries."""
+
+    def __init__(self, x_shape: Sequence[int], hidden: int = 64, out_features: int = 32, bins: int = 8):
+        super().__init__()
+        if len(x_shape) != 2 or x_shape[-1] != 3:
+            raise SbipipeError(f"the kinematics embedding needs [n, 3] star sets (R, v, mask), got {list(x_shape)}")
+        self.bins = bins
+        self.register_buffer("edges", torch.linspace(-2.0, 2.0, bins + 1)[1:-1])
+        self.register_buffer("star_mean", torch.zeros(4))
+        self.register_buffer("star_std", torch.ones(4))
+        self.register_buffer("profile_mean", torch.zeros(3 * bins + 2))
+        self.register_buffer("profile_std", torch.ones(3 * bins + 2))
+        self.phi = nn.Sequential(nn.Linear(4, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.rho = nn.Sequential(nn.Linear(hidden + 3 * bins + 2, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
+        self.out_features = out_features
+
+    @staticmethod
+    def _stars(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-star (ln R, ln R/R_h, v, v²) ``[B, n, 4]`` (zero on padding rows), the mask ``[B, n]``
+        and ln R_h ``[B, 1]`` (R_h: the median R over the stars, the lower middle one for even N)."""
+        mask = x[..., 2]
+        ln_r = torch.log(torch.where(mask > 0, x[..., 0], 1.0).clamp_min(1e-12))
+        count = mask.sum(-1, keepdim=True).clamp_min(1.0)
+        ordered = torch.where(mask > 0, ln_r, math.inf).sort(-1).values
+        ln_rh = ordered.gather(-1, ((count - 1) // 2).long())
+        v = x[..., 1]
+        stars = torch.stack([ln_r, ln_r - ln_rh, v, v * v], -1) * mask.unsqueeze(-1)
+        return stars, mask, ln_rh
+
+    def _profiles(self, stars: Tensor, mask: Tensor, ln_rh: Tensor) -> Tensor:
+        """Fraction of stars, ln(1 + ⟨v²⟩) and ⟨v⁴⟩/⟨v²⟩² per bin of ln R/R_h, ln R_h and ln N:
+        ``[B, 3 bins + 2]``."""
+        which = torch.nn.functional.one_hot(torch.bucketize(stars[..., 1].contiguous(), self.edges), self.bins)
+        which = which.to(stars.dtype) * mask.unsqueeze(-1)  # [B, n, bins]
+        count = which.sum(-2)
+        total = mask.sum(-1, keepdim=True).clamp_min(1.0)
+        v2 = stars[..., 3].unsqueeze(-1)
+        m2 = (which * v2).sum(-2) / count.clamp_min(1.0)
+        m4 = (which * v2 * v2).sum(-2) / count.clamp_min(1.0)
+        kurtosis = torch.where(count > 1, m4 / (m2 * m2).clamp_min(1e-12), 3.0)  # 3: Gaussian, for < 2 stars
+        return torch.cat([count / total, torch.log(m2 + 1.0), kurtosis, ln_rh, total.log()], -1)
+
+    @torch.no_grad()
+    def fit_features(self, x: Tensor) -> None:
+        """Bin edges (quantiles of ln R/R_h over training stars) and the standardisation of both summaries."""
+        stars, mask, ln_rh = self._stars(x[:20_000].double())
+        real = stars[mask > 0]
+        q = torch.linspace(0, 1, self.bins + 1, dtype=real.dtype)[1:-1]
+        self.edges.copy_(torch.quantile(real[:1_000_000, 1], q).float())
+        self.star_mean.copy_(real.mean(0).float())
+        self.star_std.copy_(real.std(0).clamp_min(1e-8).float())
+        prof = self._profiles(stars.float(), mask.float(), ln_rh.float()).double()
+        self.profile_mean.copy_(prof.mean(0).float())
+        self.profile_std.copy_(prof.std(0).clamp_min(1e-8).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        stars, mask, ln_rh = self._stars(x)
+        count = mask.sum(-1, keepdim=True).clamp_min(1.0)
+        pooled = (self.phi((stars - self.star_mean) / self.star_std) * mask.unsqueeze(-1)).sum(-2) / count
+        profile = (self._profiles(stars, mask, ln_rh) - self.profile_mean) / self.profile_std
+        return self.rho(torch.cat([pooled, profile], -1))
+
+
 def auto_embedding(x_shape: Sequence[int]) -> str:
     """``identity`` for vectors up to 64 numbers, ``mlp`` for longer ones, ``deepset`` for
     ``[n, F ≤ 8]`` sets, ``cnn`` for 2-D fields and images."""
@@ -214,6 +295,8 @@ def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Modu
         if len(shape) != 2:
             raise SbipipeError(f"the deepset embedding needs [n, features + mask] observations, got {list(shape)}")
         return DeepSetEmbedding(shape, **kwargs)
+    if kind == "kinematics":
+        return KinematicsEmbedding(shape, **kwargs)
     raise SbipipeError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)}")
 
 
@@ -239,7 +322,7 @@ def observation_statistics(kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
         mean = (x * mask).sum((0, 1)) / n
         std = (((x - mean) ** 2 * mask).sum((0, 1)) / n).sqrt()
         mean[-1], std[-1] = 0.0, 1.0
-    elif kind == "log-power":
+    elif kind in ("log-power", "kinematics"):
         mean, std = torch.zeros((), dtype=x.dtype), torch.ones((), dtype=x.dtype)
     elif kind in ("identity", "mlp"):
         mean, std = x.mean(0), x.std(0)

@@ -135,7 +135,7 @@ def train_posterior(
     max_epochs = max_epochs or default_max_epochs(n_train, batch_size, STEP_FACTOR.get(estimator, 1))
     config = TrainConfig(**{
         "max_epochs": max_epochs, "batch_size": batch_size, "device": str(dev), "seed": seed,
-        "threads": 1 if kind in ("identity", "mlp", "power", "log-power", "deepset") else None,
+        "threads": 1 if kind in ("identity", "mlp", "power", "log-power", "deepset", "kinematics") else None,
         **({"patience": max_epochs} if estimator in STEP_FACTOR else {}),
     })
     card: dict[str, Any] = {

@@ -334,6 +334,10 @@ class Dwarf(DeviceSimulator):
     name = "dwarf"
     version = "1"
     gamma: float | None = None  # fixed inner slope; None: γ is a parameter
+    #: preferred NPE embedding: a DeepSet over (ln R, v, v²) plus the binned dispersion and
+    #: kurtosis profiles (at 2·10⁴ simulations, 15 epochs: validation loss 4.49 against 5.57 for
+    #: the plain DeepSet on (R, v))
+    embedding = "kinematics"
 
     def __init__(
         self,

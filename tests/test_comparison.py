@@ -341,4 +341,4 @@ def test_auto_embedding_is_the_one_sufficient_for_every_candidate():
     assert candidates_embedding([CosmoGaussian(), CosmoLognormal()], fields) == "log-power"
     assert candidates_embedding([CosmoGaussian(), CosmoGaussian(n=64, slab_depth=50.0)], fields) == "power"
     assert candidates_embedding([CosmoGaussian(), None], fields) == "cnn"  # a bank whose simulator is unknown
-    assert candidates_embedding([get_simulator("dwarf_cored"), get_simulator("dwarf_cusp")], (100, 3)) == "deepset"
+    assert candidates_embedding([get_simulator("dwarf_cored"), get_simulator("dwarf_cusp")], (100, 3)) == "kinematics"

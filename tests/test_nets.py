@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from sbipipe.nets import EMBEDDINGS, PowerSpectrumEmbedding, build_embedding
+import pytest
+
+from sbipipe.errors import SbipipeError
+from sbipipe.nets import EMBEDDINGS, KinematicsEmbedding, PowerSpectrumEmbedding, build_embedding
 from simulators.cosmology import CosmoGaussian, CosmoLognormal, binned_power
 
 
@@ -26,7 +29,7 @@ def test_power_embedding_bins_equal_binned_power():
 
 def test_every_embedding_builds_for_its_shapes():
     shapes = {"identity": (5,), "mlp": (100,), "cnn": (32, 32), "cnn-circular": (32, 32), "power": (32, 32),
-              "log-power": (32, 32), "deepset": (50, 3)}
+              "log-power": (32, 32), "deepset": (50, 3), "kinematics": (50, 3)}
     assert set(shapes) == set(EMBEDDINGS) - {"auto"}
     for kind, shape in shapes.items():
         net = build_embedding(kind, shape)
@@ -72,3 +75,40 @@ def test_binned_power_keeps_the_gaussian_field_posterior():
             mean = (exact * grid[:, j]).sum()
             sd = ((exact * (grid[:, j] - mean) ** 2).sum()).sqrt()
             assert abs(float((binned * grid[:, j]).sum() - mean)) < 0.1 * float(sd)
+
+
+def test_kinematics_profiles_padding_and_permutations():
+    """The binned profiles equal a direct per-bin computation; padding rows and the order of the
+    stars change nothing (dwarf galaxies with a Poisson number of stars)."""
+    from simulators.dwarfs import Dwarf
+
+    sim = Dwarf(poisson=True)
+    assert sim.embedding == "kinematics"
+    g = torch.Generator().manual_seed(3)
+    x = sim.simulate(sim.sample_prior(64, g), g)  # [64, 160, 3], padded
+    emb = KinematicsEmbedding(sim.observation_shape, bins=4)
+    emb.fit_features(x)
+    stars, mask, ln_rh = emb._stars(x)
+    prof = emb._profiles(stars, mask, ln_rh)
+    b = 5
+    real = x[b, x[b, :, 2] > 0]
+    ln_r, v2 = real[:, 0].log(), real[:, 1] ** 2
+    median = ln_r.sort().values[(len(ln_r) - 1) // 2]  # R_h: the (lower) median radius
+    which = torch.bucketize(ln_r - median, emb.edges)
+    for k in range(4):
+        sel = v2[which == k]
+        assert prof[b, k] == pytest.approx(len(sel) / len(real), abs=1e-6)
+        assert prof[b, 4 + k] == pytest.approx(torch.log(sel.mean() + 1).item(), rel=1e-5)
+        kurtosis = (sel.pow(2).mean() / sel.mean() ** 2).item() if len(sel) > 1 else 3.0  # Gaussian's, for < 2 stars
+        assert prof[b, 8 + k] == pytest.approx(kurtosis, rel=1e-4)
+    assert prof[b, 12] == pytest.approx(median.item(), abs=1e-6)
+    assert prof[b, 13] == pytest.approx(torch.log(torch.tensor(float(len(real)))).item(), rel=1e-6)
+    # edges at training quantiles of R/R_h: the bins hold about a quarter of every galaxy's stars
+    assert torch.allclose(prof[:, :4].mean(0), torch.full((4,), 0.25), atol=0.03)
+    out = emb(x)
+    perm = torch.randperm(real.shape[0], generator=g)
+    shuffled = torch.zeros(1, 200, 3)  # more padding, stars in another order
+    shuffled[0, : len(real)] = real[perm]
+    assert torch.allclose(emb(shuffled)[0], out[b], atol=1e-5)
+    with pytest.raises(SbipipeError, match=r"needs \[n, 3\] star sets"):
+        KinematicsEmbedding((50, 4))
