@@ -176,6 +176,10 @@ def train_cmd(
     tr = post.card["training"]
     losses = ", ".join(f"{f['best_val_loss']:.4f} ({f['epochs']} epochs)" for f in tr["final"])
     out.print(f"{output}: {post!r} trained in {tr['seconds']:.1f} s; best validation loss {losses}")
+    if "selection" in tr:
+        sel = tr["selection"]
+        tried = ", ".join(f"{name} {loss:.4f}" for name, loss in sel["val_loss"].items())
+        out.print(f"auto: kept {sel['chosen']} (validation loss {tried})")
 
 
 @app.command("sample")

@@ -173,8 +173,10 @@ def test_train_and_sample_commands(gl_bank, gl_model, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros(7, dtype=np.float32))
     assert_one_line_error(run_cli("sample", gl_model, "--observation", tmp_path / "bad.npy", "-o", out), "expected an observation of shape [10]")
     assert_one_line_error(run_cli("sample", tmp_path, "--observation", obs, "-o", out), "not a model directory")
-    proc = run_cli("train", gl_bank, "-o", tmp_path / "t", "--max-epochs", "2", "--estimator", "maf", check=True)
-    assert "trained in" in proc.stdout
+    proc = run_cli("train", gl_bank, "-o", tmp_path / "t", "--max-epochs", "2", check=True)
+    assert "trained in" in proc.stdout and "auto: kept" in proc.stdout and "nsf " in proc.stdout and "maf " in proc.stdout
+    proc = run_cli("train", gl_bank, "-o", tmp_path / "t1", "--max-epochs", "2", "--estimator", "maf", check=True)
+    assert "trained in" in proc.stdout and "auto:" not in proc.stdout
     assert_one_line_error(run_cli("train", gl_bank, "-o", tmp_path / "t2", "--ensemble", "0"), "--ensemble must be at least 1")
     assert_one_line_error(run_cli("train", gl_bank, "-o", tmp_path / "t3", "--estimator", "xyz"), "unknown estimator 'xyz'")
     junk = tmp_path / "junk.h5"
