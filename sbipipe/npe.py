@@ -57,8 +57,8 @@ STEP_FACTOR = {"score": 3, "flowmatch": 3}
 
 #: what ``estimator="auto"`` trains and chooses between by validation loss: the spline flow fits
 #: curved and multimodal posteriors, while the affine MAF overfits less when the posterior is close
-#: to Gaussian (on gaussian_linear with 10⁴ simulations the NSF's best validation loss is 0.17 nats
-#: worse than the MAF's; on two_moons and slcp the NSF's is 0.3 and 1.0 nats better)
+#: to Gaussian (on gaussian_linear with 10⁴ simulations the NSF's best validation loss is 0.21 nats
+#: worse than the MAF's; on two_moons and slcp the NSF's is 0.9 and 1.9 nats better)
 AUTO_CANDIDATES = ("nsf", "maf")
 
 #: where an estimator's defaults differ from the engine's: the MAF takes sbi's tanh hidden units
