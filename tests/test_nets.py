@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-import pytest
-
 from sbipipe.errors import SbipipeError
-from sbipipe.nets import EMBEDDINGS, KinematicsEmbedding, PowerSpectrumEmbedding, build_embedding
+from sbipipe.nets import (
+    EMBEDDINGS,
+    KinematicsEmbedding,
+    PowerSpectrumEmbedding,
+    build_embedding,
+)
 from simulators.cosmology import CosmoGaussian, CosmoLognormal, binned_power
 
 
