@@ -53,7 +53,15 @@ from torch import Tensor, nn
 from .atomic import atomic_path
 from .bank import SimulationBank, simulate_bank, validation_mask
 from .errors import SbipipeError
-from .nets import EMBEDDINGS, auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
+from .nets import (
+    EMBEDDINGS,
+    SINGLE_THREAD_EMBEDDINGS,
+    auto_embedding,
+    build_embedding,
+    embed_observations,
+    fit_observation_statistics,
+    statistics_shape,
+)
 from .registry import get_simulator
 from .simulator import Simulator, check_observation, has_likelihood
 from .store import package_versions, read_card, read_weights, write_model
@@ -595,7 +603,7 @@ def train_comparison(
     batch_size = batch_size or default_batch_size(len(x_train))
     config = TrainConfig(
         max_epochs=max_epochs or default_max_epochs(len(x_train), batch_size), batch_size=batch_size,
-        device=str(dev), seed=seed, threads=1 if kind in ("identity", "mlp", "power", "log-power", "deepset", "kinematics") else None,
+        device=str(dev), seed=seed, threads=1 if kind in SINGLE_THREAD_EMBEDDINGS else None,
         **(train_options or {}),
     )
     arch = {"kind": KIND, "loss": loss, "embedding": kind, "embedding_kwargs": embedding_kwargs or {},

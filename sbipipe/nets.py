@@ -40,6 +40,7 @@ __all__ = [
     "KinematicsEmbedding",
     "MLPEmbedding",
     "PowerSpectrumEmbedding",
+    "SINGLE_THREAD_EMBEDDINGS",
     "auto_embedding",
     "build_embedding",
     "embed_observations",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "deepset", "kinematics")
+#: embeddings whose (small) networks train fastest on one CPU thread (measured on 2 cores)
+SINGLE_THREAD_EMBEDDINGS = frozenset({"identity", "mlp", "power", "log-power", "deepset", "kinematics"})
 
 
 class IdentityEmbedding(nn.Module):

@@ -19,7 +19,7 @@ from .atomic import atomic_path
 from .bank import SimulationBank
 from .errors import SbipipeError
 from .estimators import prior_bounds
-from .nets import EMBEDDINGS, auto_embedding
+from .nets import EMBEDDINGS, SINGLE_THREAD_EMBEDDINGS, auto_embedding
 from .posterior import ESTIMATORS, Posterior, build_member
 from .registry import get_simulator
 from .simulator import describe_distribution
@@ -135,7 +135,7 @@ def train_posterior(
     max_epochs = max_epochs or default_max_epochs(n_train, batch_size, STEP_FACTOR.get(estimator, 1))
     config = TrainConfig(**{
         "max_epochs": max_epochs, "batch_size": batch_size, "device": str(dev), "seed": seed,
-        "threads": 1 if kind in ("identity", "mlp", "power", "log-power", "deepset", "kinematics") else None,
+        "threads": 1 if kind in SINGLE_THREAD_EMBEDDINGS else None,
         **({"patience": max_epochs} if estimator in STEP_FACTOR else {}),
     })
     card: dict[str, Any] = {
