@@ -158,7 +158,6 @@ def train_posterior(
             "rows": bank.rows,
             "train_rows": n_train,
             "streamed": stream,
-            "config": {**config.__dict__},
             "device": str(dev),
         },
         "packages": package_versions(),
