@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .errors import SbipipeError
 from .estimators import FLOWS, ConditionalEstimator, FlowPosterior
-from .simulator import check_observation
+from .simulator import check_observation, forked_rng
 from .store import read_card, read_weights
 from .training import resolve_device
 
@@ -78,9 +78,7 @@ class Posterior:
         if n <= 0:
             raise SbipipeError(f"-n must be positive, got {n}")
         obs, single = self._observations(x)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with forked_rng(seed, [self.device] if self.device.type == "cuda" else []):
             k = len(self.members)
             counts = torch.bincount(torch.randint(k, (n,)), minlength=k) if k > 1 else torch.tensor([n])
             parts = [m.sample(obs, int(c)) for m, c in zip(self.members, counts) if c > 0]
@@ -99,9 +97,7 @@ class Posterior:
             draws = self.sample(x, n, seed)
             return draws, self.log_prob(draws, x)
         obs, _ = self._observations(x)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with forked_rng(seed, [self.device] if self.device.type == "cuda" else []):
             draws, lp = member.sample_and_log_prob(obs, n)
         return draws.cpu(), lp.cpu()
 

@@ -18,8 +18,10 @@ Objects that do not subclass :class:`Simulator` are wrapped by :func:`as_simulat
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,21 @@ from torch.distributions import Distribution
 
 from .errors import SbipipeError
 
-__all__ = ["Simulator", "as_simulator", "check_observation", "describe_distribution", "has_likelihood", "sample_prior"]
+__all__ = ["Simulator", "as_simulator", "check_observation", "describe_distribution", "forked_rng", "has_likelihood",
+           "sample_prior"]
+
+_GLOBAL_RNG_LOCK = threading.RLock()  # re-entrant: a seeded draw may nest another
+
+
+@contextlib.contextmanager
+def forked_rng(seed: int | None, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """torch's process-wide RNG (and that of CUDA ``devices``) forked, seeded with ``seed`` unless
+    it is None, and restored afterwards, one thread at a time: the RNG is shared by threads, so two
+    seeded draws at once (chunks of a thread task runner) would otherwise take each other's numbers."""
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=list(devices)):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def _snake(name: str) -> str:
@@ -75,13 +91,12 @@ class Simulator:
         """``n`` prior draws ``[n, D]``; reproducible for a seeded ``generator``.
 
         ``torch.distributions`` take no generator, so the draw runs on a forked global RNG
-        seeded from ``generator``. Subclasses may override with a generator-native sampler.
+        seeded from ``generator`` (:func:`forked_rng`). Subclasses may override with a generator-native sampler.
         """
         if generator is None:
             return self.prior.sample((n,)).to(torch.float32)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with forked_rng(seed):
             return self.prior.sample((n,)).to(torch.float32)
 
     def check_theta(self, theta: Any) -> Tensor:
