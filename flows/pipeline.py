@@ -26,7 +26,7 @@ def register(name: str, model_dir: str, report_dir: str, calibrated: bool, run_i
 
 @flow(name="pipeline", flow_run_name="pipeline {simulator}: {n_sims} simulations")
 def pipeline(simulator: str, name: str | None = None, n_sims: int = 20_000, chunk_size: int | None = None,
-             seed: int = 0, estimator: str = "auto", ensemble: int = 1, max_epochs: int | None = None,
+             seed: int = 0, estimator: str = "auto", ensemble: int | None = None, max_epochs: int | None = None,
              n_validation: int = 1000, n_samples: int = 1000) -> dict[str, Any]:
     """Everything from a simulator to a registered, validated model."""
     name = name or simulator.replace(":", "-").replace(".", "-")

@@ -19,7 +19,7 @@ _task_name, _flow_name = run_names(lambda p: f"train {p['estimator']} on {short_
 
 
 @task(name="train-estimator", task_run_name=_task_name, tags=["gpu"])
-def train_estimator(bank: str, output: str, estimator: str = "auto", embedding: str = "auto", ensemble: int = 1,
+def train_estimator(bank: str, output: str, estimator: str = "auto", embedding: str = "auto", ensemble: int | None = None,
                     max_epochs: int | None = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Train on CUDA when present (the ``gpu`` tag limit keeps one such task per GPU)."""
     from sbipipe.npe import train_posterior
@@ -36,7 +36,7 @@ def train_estimator(bank: str, output: str, estimator: str = "auto", embedding: 
 
 
 @flow(name="train", flow_run_name=_flow_name)
-def train(bank: str, output: str, estimator: str = "auto", embedding: str = "auto", ensemble: int = 1,
+def train(bank: str, output: str, estimator: str = "auto", embedding: str = "auto", ensemble: int | None = None,
           max_epochs: int | None = None, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Train an estimator and publish its losses."""
     result = train_estimator(bank, output, estimator, embedding, ensemble, max_epochs, seed, device)

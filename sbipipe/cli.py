@@ -158,9 +158,11 @@ def train_cmd(
     estimator: Annotated[str, typer.Option(help="auto (nsf or maf, whichever has the lower validation loss), nsf, maf or naf "
                                                 "(flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "auto",
     embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
-    ensemble: Annotated[int, typer.Option(help="Number of estimators combined as a mixture.")] = 1,
+    ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
+                                                         "simulator's preference, 2 for dwarf, else 1).")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Default: about 50 steps per epoch, 64 to 512.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: 64 to 512 rows, about 16 batches per epoch for the "
+                                                          "flows, 50 for score and flowmatch.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted training.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batching.")] = 0,
@@ -179,7 +181,7 @@ def train_cmd(
     if "selection" in tr:
         sel = tr["selection"]
         tried = ", ".join(f"{name} {loss:.4f}" for name, loss in sel["val_loss"].items())
-        out.print(f"auto: kept {sel['chosen']} (validation loss {tried})")
+        out.print(f"auto: kept {sel['chosen']} (validation loss after the {sel['pilot_epochs']}-epoch pilot: {tried})")
 
 
 @app.command("sample")

@@ -38,10 +38,11 @@ def row_progress(description: str, enabled: bool | None = None) -> Iterator[Call
 
 
 @contextlib.contextmanager
-def epoch_progress(description: str, members: int = 1,
+def epoch_progress(description: str, members: int | None = 1,
                    enabled: bool | None = None) -> Iterator[Callable[[int | str, dict], None]]:
     """Yield ``report(member, row)`` for training epochs (``member``: an ensemble index, or the name
-    of a candidate estimator being compared); shows the losses on a terminal."""
+    of a candidate estimator being compared; ``members=None``: a count not known yet); shows the
+    losses on a terminal."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
@@ -57,7 +58,8 @@ def epoch_progress(description: str, members: int = 1,
                 if isinstance(member, str):
                     label = f"{description} [{member}]"
                 else:
-                    label = description + (f" [{member + 1}/{members}]" if members > 1 else "")
+                    count = f"/{members}" if members else ""
+                    label = description + (f" [{member + 1}{count}]" if members != 1 else "")
                 tasks[member] = bar.add_task(label, total=None, losses="")
             bar.update(tasks[member], completed=int(row["epoch"]),
                        losses=f"train {row['train_loss']:.4f}  val {row['val_loss']:.4f}  lr {row['lr']:.1e}")

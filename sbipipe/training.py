@@ -85,15 +85,17 @@ def fit(
     resume: bool = False,
     progress: Callable[[dict[str, float]], None] | None = None,
     loss: Callable[..., Tensor] | None = None,
+    until: int | None = None,
 ) -> pd.DataFrame:
     """Train ``module`` in place and return the per-epoch history.
 
     ``train``/``val`` have ``batches(batch_size, generator, device)`` (:class:`TensorData`, or a
     bank stream). ``loss(module, *batch)`` defaults to ``module.loss(*batch)``. With a
     ``checkpoint`` path the full state is saved after every epoch; ``resume=True`` continues
-    from it (the result equals an uninterrupted run)."""
+    from it (the result equals an uninterrupted run). ``until`` pauses after that many epochs of
+    the ``max_epochs`` schedule (a later ``resume=True`` call goes on from there)."""
     with _num_threads(config.threads):
-        return _fit(module, train, val, config, checkpoint, resume, progress, loss)
+        return _fit(module, train, val, config, checkpoint, resume, progress, loss, until)
 
 
 @contextlib.contextmanager
@@ -109,12 +111,13 @@ def _num_threads(n: int | None) -> Iterator[None]:
 
 def _fit(module: nn.Module, train: Any, val: Any, config: TrainConfig, checkpoint: str | os.PathLike | None,
          resume: bool, progress: Callable[[dict[str, float]], None] | None,
-         loss: Callable[..., Tensor] | None) -> pd.DataFrame:
+         loss: Callable[..., Tensor] | None, until: int | None = None) -> pd.DataFrame:
     device = resolve_device(config.device)
     loss_fn = loss or (lambda m, *b: m.loss(*b))
     torch.manual_seed(config.seed)
     module.to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel for all parameters (10 % of a small flow's step on CPU went to the per-tensor loop)
+    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     if config.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.max_epochs)
     elif config.schedule == "plateau":
@@ -128,7 +131,8 @@ def _fit(module: nn.Module, train: Any, val: Any, config: TrainConfig, checkpoin
         state = _load_checkpoint(ckpt, module, opt, sched, gen, device)
     amp = config.mixed_precision and device.type == "cuda"
     best_weights = state["best_weights"] or copy.deepcopy(module.state_dict())
-    while state["epoch"] < config.max_epochs and state["bad_epochs"] < config.patience:
+    stop = min(config.max_epochs, until or config.max_epochs)
+    while state["epoch"] < stop and state["bad_epochs"] < config.patience:
         t0 = time.perf_counter()
         module.train()
         total, count = 0.0, 0
@@ -142,7 +146,7 @@ def _fit(module: nn.Module, train: Any, val: Any, config: TrainConfig, checkpoin
                 )
             opt.zero_grad(set_to_none=True)
             value.backward()
-            nn.utils.clip_grad_norm_(module.parameters(), config.clip)
+            nn.utils.clip_grad_norm_(module.parameters(), config.clip, foreach=True)
             opt.step()
             total, count = total + float(value.detach()) * len(batch[0]), count + len(batch[0])
         val_loss = evaluate(module, val, config.batch_size * 4, device, loss_fn, amp)

@@ -122,24 +122,37 @@ def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
     first = train_posterior(bank, out, max_epochs=4, seed=0)
     samples = first.sample(torch.tensor([[0.9, 0.9], [-0.9, 0.2]]), 20_000, seed=0)
     assert samples.abs().max() <= 1.0  # U[-1, 1]² support
-    # an interrupted training resumes from its last epoch checkpoint instead of restarting
-    calls = []
-
-    def stop_after_two(member, row):
-        calls.append(row["epoch"])
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_posterior(bank, tmp_path / "r", max_epochs=4, seed=0, progress=stop_after_two)
-    resumed = []
-    post = train_posterior(bank, tmp_path / "r", max_epochs=4, seed=0, resume=True,
-                           progress=lambda k, row: resumed.append((k, row["epoch"])))
-    # the NSF candidate continues at epoch 3, then the MAF candidate trains from the start
-    assert calls == [1, 2] and resumed == [("nsf", 3), ("nsf", 4), *(("maf", e) for e in range(1, 5))]
+    # an interrupted training resumes from its last epoch checkpoint instead of restarting; auto
+    # runs both candidates for the 5-epoch pilot, then continues the kept one to its 12 epochs
+    uninterrupted = []
+    whole = train_posterior(bank, tmp_path / "u", max_epochs=12, seed=0,
+                            progress=lambda k, row: uninterrupted.append((k, row["epoch"])))
+    kept = whole.card["training"]["selection"]["chosen"]
+    other = {"nsf": "maf", "maf": "nsf"}[kept]
+    assert whole.card["training"]["selection"]["pilot_epochs"] == 5
+    assert uninterrupted == [*(("nsf", e) for e in range(1, 6)), *(("maf", e) for e in range(1, 6)),
+                             *((kept, e) for e in range(6, 13))]
     theta = torch.rand(20, 2) * 2 - 1
     x = torch.tensor([0.1, 0.2])
-    assert torch.allclose(post.log_prob(theta, x), first.log_prob(theta, x), atol=1e-4)  # same as uninterrupted
+    for stop in [("nsf", 2), (kept, 8)]:  # during the pilot, and after it
+        calls = []
+
+        def interrupt(member, row):
+            calls.append((member, row["epoch"]))
+            if (member, row["epoch"]) == stop:
+                raise KeyboardInterrupt
+
+        out = tmp_path / f"r_{stop[0]}_{stop[1]}"
+        with pytest.raises(KeyboardInterrupt):
+            train_posterior(bank, out, max_epochs=12, seed=0, progress=interrupt)
+        resumed = []
+        post = train_posterior(bank, out, max_epochs=12, seed=0, resume=True,
+                               progress=lambda k, row: resumed.append((k, row["epoch"])))
+        assert calls + resumed == uninterrupted, (stop, calls, resumed)
+        assert post.card["training"]["selection"] == whole.card["training"]["selection"]
+        # the same model as the uninterrupted run
+        assert torch.allclose(post.log_prob(theta, x), whole.log_prob(theta, x), atol=1e-4)
+    assert other in whole.card["training"]["selection"]["val_loss"]
 
 
 def test_ensemble_is_a_mixture(tmp_path):
@@ -182,3 +195,13 @@ def test_train_and_sample_commands(gl_bank, gl_model, tmp_path):
     junk = tmp_path / "junk.h5"
     junk.write_text("no")
     assert_one_line_error(run_cli("train", junk, "-o", tmp_path / "t4"), "corrupt or not a bank")
+
+
+def test_the_simulator_sets_the_default_ensemble(tmp_path):
+    # dwarf asks for two members (one NSF is slightly over-confident there); an explicit value wins
+    bank = simulate_bank("dwarf", tmp_path / "d.h5", 200, seed=0).path
+    post = train_posterior(bank, tmp_path / "m2", estimator="nsf", max_epochs=1)
+    assert post.card["architecture"]["ensemble"] == 2 and len(post.members) == 2
+    assert len(train_posterior(bank, tmp_path / "m1", estimator="nsf", ensemble=1, max_epochs=1).members) == 1
+    with pytest.raises(SbipipeError, match="--ensemble must be at least 1, got 0"):
+        train_posterior(bank, tmp_path / "m0", ensemble=0)
