@@ -155,7 +155,7 @@ def reference_cmd(
 def train_cmd(
     bank: Annotated[Path, typer.Argument(help="Simulation bank (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
-    estimator: Annotated[str, typer.Option(help="auto (nsf or maf, whichever has the lower validation loss), nsf, maf or naf "
+    estimator: Annotated[str, typer.Option(help="auto (nsf or maf, whichever has the lower validation loss after a pilot), nsf, maf or naf "
                                                 "(flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "auto",
     embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
     ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
