@@ -43,7 +43,12 @@ class BankStream:
         yield from self.bank.batches(batch_size, split=self.split, shuffle=generator is not None, seed=seed)
 
 
-def default_batch_size(n_train: int, batches_per_epoch: int = 50) -> int:
+#: (batches per epoch, rows of the training set per optimiser step) of the engine's first schedule,
+#: which the score, flow-matching and classifier trainings keep
+FIRST_SCHEDULE = (50, 2)
+
+
+def default_batch_size(n_train: int, batches_per_epoch: int = FIRST_SCHEDULE[0]) -> int:
     """About ``batches_per_epoch`` batches per epoch, of 64 to 512 rows."""
     return int(min(512, max(64, n_train // batches_per_epoch)))
 
@@ -76,7 +81,7 @@ ESTIMATOR_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def default_max_epochs(n_train: int, batch_size: int, factor: int = 1, rows_per_step: int = 2) -> int:
+def default_max_epochs(n_train: int, batch_size: int, factor: int = 1, rows_per_step: int = FIRST_SCHEDULE[1]) -> int:
     """Epochs for a budget of ``factor`` × n/``rows_per_step`` optimiser steps (n/``rows_per_step``
     clipped to 1,500–8,000), over which the learning rate decays to zero on a cosine; early stopping
     may end sooner."""
@@ -89,7 +94,7 @@ def default_max_epochs(n_train: int, batch_size: int, factor: int = 1, rows_per_
 #: validation loss in half the time (two_moons NSF −1.983 against −1.978 in 31 s against 57 s; slcp
 #: 2.856 and 2.856 against 2.775 and 2.894 over two seeds; gaussian_linear MAF 10.704 against
 #: 10.707). The step cost on CPU is mostly per-operation overhead, so 512 rows cost 1.35× 180 rows.
-FLOW_SCHEDULE = {"batches_per_epoch": 16, "rows_per_step": 5}
+FLOW_SCHEDULE = (16, 5)
 
 #: ``auto`` trains each candidate for this fraction of its schedule (at least 5 epochs), keeps the one
 #: with the lower validation loss then, and continues it from its checkpoint: the kept model is the
@@ -158,10 +163,9 @@ def train_posterior(
     # "auto": the simulator's preferred embedding if it names one (e.g. the power spectrum of the
     # cosmology fields), else one chosen from the observation shape
     kind = (getattr(sim, "embedding", None) or auto_embedding(bank.x_shape)) if embedding == "auto" else embedding
-    schedule = FLOW_SCHEDULE if estimator == "auto" or estimator in FLOWS else {}
-    batch_size = batch_size or default_batch_size(n_train, schedule.get("batches_per_epoch", 50))
-    max_epochs = max_epochs or default_max_epochs(n_train, batch_size, STEP_FACTOR.get(estimator, 1),
-                                                  schedule.get("rows_per_step", 2))
+    per_epoch, per_step = FLOW_SCHEDULE if estimator == "auto" or estimator in FLOWS else FIRST_SCHEDULE
+    batch_size = batch_size or default_batch_size(n_train, per_epoch)
+    max_epochs = max_epochs or default_max_epochs(n_train, batch_size, STEP_FACTOR.get(estimator, 1), per_step)
     config = TrainConfig(**{
         "max_epochs": max_epochs, "batch_size": batch_size, "device": str(dev), "seed": seed,
         "threads": 1 if kind in SINGLE_THREAD_EMBEDDINGS else None,
