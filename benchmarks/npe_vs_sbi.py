@@ -51,6 +51,7 @@ import torch
 from sbipipe import get_simulator
 from sbipipe.bank import SimulationBank, simulate_bank
 from sbipipe.c2st import c2st
+from sbipipe.simulator import forked_rng
 
 TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
@@ -128,8 +129,7 @@ def reference(workdir: Path, task: str, j: int, x: torch.Tensor) -> torch.Tensor
     sim = get_simulator(task)
     t0 = time.perf_counter()
     if task == "gaussian_linear":
-        with torch.random.fork_rng():
-            torch.manual_seed(j)
+        with forked_rng(j):
             samples = sim.posterior(x).sample((N_REFERENCE,))
     elif task == "two_moons":
         samples = two_moons_rejection(sim, x, N_REFERENCE, seed=j)
@@ -243,9 +243,7 @@ class Method:
     def sample(self, x: torch.Tensor, n: int, seed: int | None = None) -> torch.Tensor:
         if self.name in ESTIMATOR:
             return self.posterior.sample(x, n, seed=seed)
-        with torch.random.fork_rng():
-            if seed is not None:
-                torch.manual_seed(seed)
+        with forked_rng(seed):
             return self.posterior.sample((n,), x=x, show_progress_bars=False)
 
 
