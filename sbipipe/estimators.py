@@ -16,7 +16,6 @@ every estimator (the flows here, the score and flow-matching estimators in ``sco
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,32 +26,13 @@ from torch.nn import functional as F
 
 from .errors import SbipipeError
 from .nets import auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
+from .spline import NSF
 
 __all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds"]
 
-FLOWS = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF, "naf": zuko.flows.NAF}
+FLOWS = {"nsf": NSF, "maf": zuko.flows.MAF, "naf": zuko.flows.NAF}
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # hidden units of the flows' networks
 _EPS = 1e-6
-
-
-class _FunctionalWithFastSoftmax(types.ModuleType):
-    """``torch.nn.functional`` for zuko's spline transforms, with a softmax that is ~3× faster on
-    CPU for their short last axis (8 bins): PyTorch's CPU kernel is slow for small, strided rows,
-    and it took 55 % of the time of drawing NSF samples (measured on torch 2.13)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(F, name)
-
-    @staticmethod
-    def softmax(x: Tensor, dim: int = -1, **kwargs: Any) -> Tensor:
-        if x.is_cuda or kwargs:
-            return F.softmax(x, dim=dim, **kwargs)
-        e = (x - x.amax(dim, keepdim=True)).exp()
-        return e / e.sum(dim, keepdim=True)
-
-
-if getattr(zuko.transforms, "F", None) is F:
-    zuko.transforms.F = _FunctionalWithFastSoftmax("torch.nn.functional")
 
 
 def prior_bounds(prior: torch.distributions.Distribution, dim: int) -> tuple[Tensor, Tensor]:
