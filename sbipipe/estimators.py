@@ -24,13 +24,13 @@ import zuko
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .autoregressive import MAF, NSF
 from .errors import SbipipeError
 from .nets import auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
-from .spline import NSF
 
 __all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds"]
 
-FLOWS = {"nsf": NSF, "maf": zuko.flows.MAF, "naf": zuko.flows.NAF}
+FLOWS = {"nsf": NSF, "maf": MAF, "naf": zuko.flows.NAF}
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # hidden units of the flows' networks
 _EPS = 1e-6
 

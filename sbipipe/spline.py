@@ -1,5 +1,5 @@
-r"""The neural spline flow (Durkan et al. 2019, https://arxiv.org/abs/1906.04032) with a leaner
-monotonic rational-quadratic spline than zuko's.
+r"""The monotonic rational-quadratic spline of neural spline flows (Durkan et al. 2019,
+https://arxiv.org/abs/1906.04032), leaner than zuko's.
 
 :class:`RationalQuadraticSpline` is :class:`zuko.transforms.MonotonicRQSTransform`, same
 parameterisation and same values, with fewer tensor operations: widths and heights share one
@@ -11,22 +11,19 @@ costs ~18 % less and drawing 10⁴ samples ~15 % less. On ``[−B, B]`` the spli
     y = y_k + (y_{k+1} − y_k) [s ξ² + d_k ξ(1 − ξ)] / [s + (d_k + d_{k+1} − 2s) ξ(1 − ξ)],
 
 with ξ = (x − x_k)/(x_{k+1} − x_k) and s = (y_{k+1} − y_k)/(x_{k+1} − x_k); outside it is the identity.
-:class:`NSF` is :class:`zuko.flows.NSF` with this spline: the same modules and state dict.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from zuko.flows import MAF
 from zuko.transforms import MonotonicRQSTransform, Transform
 
-__all__ = ["NSF", "RationalQuadraticSpline"]
+__all__ = ["RationalQuadraticSpline"]
 
 
 class RationalQuadraticSpline(MonotonicRQSTransform):
@@ -86,10 +83,3 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         z = 2 * c / (-b - (b * b - 4 * a * c).sqrt())  # the root in [0, 1] of a z² + b z + c
         return torch.where(inside, x0 + z * w, y)
 
-
-class NSF(MAF):
-    """:class:`zuko.flows.NSF` (same arguments, modules and state dict) with :class:`RationalQuadraticSpline`."""
-
-    def __init__(self, features: int, context: int = 0, bins: int = 8, slope: float = 1e-3, **kwargs: Any):
-        super().__init__(features=features, context=context, univariate=partial(RationalQuadraticSpline, slope=slope),
-                         shapes=[(bins,), (bins,), (bins - 1,)], **kwargs)
