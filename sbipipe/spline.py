@@ -35,9 +35,8 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         Transform.__init__(self, **kwargs)
         c = 2 / -math.log(slope)  # zuko's soft bound on the logits, so that slopes stay ≥ ``slope``
         wh = torch.stack((widths, heights), -2)
-        wh = wh / (1 + c * wh.abs())
-        e = (wh - wh.amax(-1, keepdim=True)).exp()
-        knots = F.pad(bound * (2 * torch.cumsum(e, -1) / e.sum(-1, keepdim=True) - 1), (1, 0), value=-bound)
+        e = (wh / (1 + c * wh.abs())).exp()  # softmax: the logits are within ±ln(1/slope)/2, so exp needs no shift
+        knots = F.pad(torch.cumsum(e, -1) * ((2 * bound) / e.sum(-1, keepdim=True)) - bound, (1, 0), value=-bound)
         slopes = F.pad((derivatives / (1 + 0.5 * c * derivatives.abs())).exp(), (1, 1), value=1.0)
         self.table = torch.cat((knots, slopes.unsqueeze(-2)), -2)  # [*, 3, K + 1]: x knots, y knots, slopes
         self.bound = bound
