@@ -34,6 +34,17 @@ def test_spline_values_log_jacobian_and_inverse_match_zuko():
     torch.testing.assert_close(ladj, slope.log(), rtol=0, atol=1e-5)
 
 
+def test_spline_gradients_stay_finite_outside_the_bound():
+    params = [p.float().requires_grad_() for p in _params((64, 3), scale=3.0)]
+    x = torch.linspace(-40, 40, 64 * 3).reshape(64, 3)  # most of it outside [-5, 5]
+    y, ladj = RationalQuadraticSpline(*params).call_and_ladj(x)
+    (y.sum() + ladj.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    params = [p.detach().requires_grad_() for p in params]
+    RationalQuadraticSpline(*params).inv(x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in params)
+
+
 def test_spline_broadcasts_leading_sample_dimensions():
     params = _params((5, 3))
     x = torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
