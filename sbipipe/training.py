@@ -1,7 +1,7 @@
 """One training loop for every estimator: any ``nn.Module`` with ``loss(*batch) -> scalar``.
 
-AdamW, learning rate halved when the validation loss stalls, early stopping on a held-out split
-(the best weights are kept), gradient-norm clipping, bf16 autocast on CUDA, batches by indexing
+AdamW, a cosine learning-rate decay (or halving when the validation loss stalls), early stopping on
+a held-out split (with the cosine decay, only once the rate has annealed; the best weights are kept), gradient-norm clipping, bf16 autocast on CUDA, batches by indexing
 whole tensors (or streamed from an HDF5 bank), a checkpoint after every epoch that
 ``resume=True`` continues from, seeded reproducibility, a progress bar, and the history as CSV.
 """
@@ -39,13 +39,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+#: with the cosine schedule, early stopping waits until this fraction of ``max_epochs`` (the learning
+#: rate is then a quarter of its initial value): the validation loss keeps improving while the rate
+#: anneals, so a stall at a high rate is noise, not overfitting. (On the 5·10⁴-row cosmo_gaussian
+#: bank an NSF stalled for 20 epochs at epoch 48 of 91 with validation loss −0.967 and C2ST 0.607;
+#: the same training run to the end reached −1.022 and C2ST 0.541.)
+COSINE_STOP_AFTER = 2 / 3
+
+
 @dataclass
 class TrainConfig:
     max_epochs: int = 500
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    patience: int = 20  # epochs without improvement before stopping
+    patience: int = 20  # epochs without improvement before stopping (cosine: not before COSINE_STOP_AFTER)
     lr_patience: int = 8  # epochs without improvement before halving the learning rate
     clip: float = 5.0
     schedule: str = "cosine"  # "cosine": anneal to 0 over max_epochs; "plateau": halve when val stalls
@@ -133,7 +141,7 @@ def _fit(module: nn.Module, train: Any, val: Any, config: TrainConfig, checkpoin
     amp = config.mixed_precision and device.type == "cuda"
     best_weights = state["best_weights"] or copy.deepcopy(module.state_dict())
     stop = min(config.max_epochs, until or config.max_epochs)
-    while state["epoch"] < stop and state["bad_epochs"] < config.patience:
+    while state["epoch"] < stop and not _should_stop(state, config):
         t0 = time.perf_counter()
         module.train()
         total, count = 0.0, 0
@@ -170,6 +178,12 @@ def _fit(module: nn.Module, train: Any, val: Any, config: TrainConfig, checkpoin
     module.load_state_dict(best_weights)
     module.eval()
     return pd.DataFrame(state["history"])
+
+
+def _should_stop(state: dict, config: TrainConfig) -> bool:
+    """Early stopping: ``patience`` epochs without improvement (cosine: and past :data:`COSINE_STOP_AFTER`)."""
+    stalled = state["bad_epochs"] >= config.patience
+    return stalled and (config.schedule != "cosine" or state["epoch"] >= COSINE_STOP_AFTER * config.max_epochs)
 
 
 @torch.no_grad()
