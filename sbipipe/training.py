@@ -2,8 +2,9 @@
 
 AdamW, a cosine learning-rate decay (or halving when the validation loss stalls), early stopping on
 a held-out split (with the cosine decay, only once the rate has annealed; the best weights are
-kept), gradient-norm clipping, bf16 autocast on CUDA, batches by indexing whole tensors (or streamed from an HDF5 bank), a checkpoint after every epoch that
-``resume=True`` continues from, seeded reproducibility, a progress bar, and the history as CSV.
+kept), gradient-norm clipping, bf16 autocast on CUDA, batches by indexing whole tensors (or
+streamed from an HDF5 bank), a checkpoint after every epoch that ``resume=True`` continues from,
+seeded reproducibility, a progress bar, and the history as CSV.
 """
 
 from __future__ import annotations
