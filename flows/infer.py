@@ -47,6 +47,12 @@ def sample_posterior(model_dir: str, observation: str, output: str, n_samples: i
                              plot_path=out / "corner.png" if plot else None)
 
 
+def _acceptance_row(result: dict[str, Any]) -> str:
+    """A table row with a truncated posterior's acceptance (the lowest over a stack), else nothing."""
+    acc = result["acceptance"]
+    return "" if acc is None else f"| acceptance (truncated to the prior) | {min(acc):.3f} |\n"
+
+
 def _run_name() -> str:
     p = flow_run.parameters
     return f"infer {p.get('model')}: {Path(str(p.get('observation'))).name}"
@@ -72,6 +78,7 @@ def infer(model: str, observation: str, n_samples: int = 10_000, seed: int = 0, 
         f"| observation | `{checked['observation']}` ({checked['count']} x {checked['shape']}, "
         f"sha256 `{checked['sha256'][:12]}`) |\n"
         f"| samples | {fmt(n_samples)} per observation: `{result['samples']}` |\n"
+        f"{_acceptance_row(result)}"
         f"| validation verdict | **{entry.get('verdict', 'not validated')}**{report} |\n\n"
         f"## Posterior summary\n\n{markdown_table(rows, columns)}\n"
         + (f"\n![corner plot]({png_data_uri(result['corner'])})\n" if result["corner"] else ""),

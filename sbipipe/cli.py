@@ -160,6 +160,9 @@ def train_cmd(
     embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
     ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
                                                          "simulator's preference, 2 for dwarf, else 1).")] = None,
+    support: Annotated[str, typer.Option(help="How θ meets a bounded prior: map (through the prior's support "
+                                              "transform), truncate (real line, rejection) or auto (both "
+                                              "in the pilot, keep the better).")] = "auto",
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: 64 to 512 rows, about 16 batches per epoch for the "
                                                           "flows, 50 for score and flowmatch.")] = None,
@@ -173,15 +176,15 @@ def train_cmd(
 
     with epoch_progress(f"train {estimator}", ensemble) as report:
         post = train_posterior(bank, output, estimator=estimator, embedding=embedding, ensemble=ensemble,
-                               max_epochs=max_epochs, batch_size=batch_size, device=device, resume=resume,
-                               seed=seed, progress=report)
+                               support=support, max_epochs=max_epochs, batch_size=batch_size, device=device,
+                               resume=resume, seed=seed, progress=report)
     tr = post.card["training"]
     losses = ", ".join(f"{f['best_val_loss']:.4f} ({f['epochs']} epochs)" for f in tr["final"])
     out.print(f"{output}: {post!r} trained in {tr['seconds']:.1f} s; best validation loss {losses}")
     if "selection" in tr:
         sel = tr["selection"]
         tried = ", ".join(f"{name} {loss:.4f}" for name, loss in sel["val_loss"].items())
-        out.print(f"auto: kept {sel['chosen']} (validation loss after the {sel['pilot_epochs']}-epoch pilot: {tried})")
+        out.print(f"auto: kept {sel['chosen']} (held-out -log q(θ) after the {sel['pilot_epochs']}-epoch pilot: {tried})")
 
 
 @app.command("sample")
@@ -203,6 +206,10 @@ def sample_cmd(
     result = infer_observation(model, observation, output, n_samples=n, seed=seed, plot_path=plot, device=device)
     shape = "x".join(map(str, result["shape"]))
     out.print(f"{output}: samples [{shape}]; summary {summary_path(output)}" + (f"; plot {plot}" if plot else ""))
+    if result["acceptance"] is not None:
+        acc = result["acceptance"]
+        out.print(f"truncated to the prior: acceptance {min(acc):.3f}" + (f" to {max(acc):.3f}" if len(acc) > 1 else "")
+                  + " (fraction of the flow's mass inside the prior's bounds)")
     _print_summary(pd.DataFrame(result["summary"]))
 
 

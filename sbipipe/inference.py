@@ -55,7 +55,8 @@ def infer_observation(model_dir: str | os.PathLike, observation: str | os.PathLi
                       n_samples: int = 10_000, seed: int = 0, plot_path: str | os.PathLike | None = None,
                       device: str = "cpu") -> dict[str, Any]:
     """Sample the posterior of each observation in the file; write ``samples_path`` (``[n, D]``, or
-    ``[M, n, D]`` for a stack), its CSV summary and (with ``plot_path``) a corner plot of the first
+    ``[M, n, D]`` for a stack; for a truncated posterior also ``acceptance [M]``, see
+    :meth:`Posterior.acceptance`), its CSV summary and (with ``plot_path``) a corner plot of the first
     observation, with the truth marked where ``OBS.truth.json`` gives it. Returns what was written
     and the summary table as records."""
     from .atomic import check_writable
@@ -69,7 +70,10 @@ def infer_observation(model_dir: str | os.PathLike, observation: str | os.PathLi
     path = Path(samples_path)
     attrs = {"model": str(model_dir), "observation": str(observation), "simulator": post.simulator_name,
              "simulator_version": post.simulator_version, "seed": seed, "kind": "posterior"}
-    table = write_samples(path, samples[0] if single else samples, post.parameter_names, attrs)
+    # a truncated posterior reports the fraction of its mass inside the prior per observation
+    acceptance = post.acceptance(x, seed=seed) if post.truncated else None
+    table = write_samples(path, samples[0] if single else samples, post.parameter_names, attrs,
+                          datasets={"acceptance": acceptance} if acceptance is not None else None)
     if plot_path is not None:
         from .plots import corner_plot
 
@@ -85,4 +89,5 @@ def infer_observation(model_dir: str | os.PathLike, observation: str | os.PathLi
         "parameter_names": list(post.parameter_names),
         "simulator": post.simulator_name,
         "simulator_version": post.simulator_version,
+        "acceptance": acceptance.tolist() if acceptance is not None else None,
     }

@@ -80,18 +80,25 @@ class Gate:
         return max(self.coverage_max, ks_critical(n, 0.01))
 
 
+def _unnormalized(posterior: PosteriorLike) -> dict[str, bool]:
+    """HPD levels rank densities within an observation, so a truncated posterior may skip
+    estimating its normalising constant A(x) (see :mod:`sbipipe.posterior`)."""
+    return {"normalize": False} if getattr(posterior, "truncated", False) else {}
+
+
 def _draws(posterior: PosteriorLike, x: Tensor, n_samples: int, seed: int,
            progress: Any = None) -> tuple[Tensor, Tensor]:
     """Posterior draws ``[N, L, D]``, their log densities ``[N, L]``, in chunks of observations."""
     chunk = max(1, CHUNK_DRAWS // n_samples)
+    kw = _unnormalized(posterior)
     samples, logq = [], []
     for k, start in enumerate(range(0, len(x), chunk)):
         xs = x[start:start + chunk]
         if hasattr(posterior, "sample_and_log_prob"):
-            s, lq = posterior.sample_and_log_prob(xs, n_samples, seed=seed + k)
+            s, lq = posterior.sample_and_log_prob(xs, n_samples, seed=seed + k, **kw)
         else:
             s = posterior.sample(xs, n_samples, seed=seed + k)
-            lq = posterior.log_prob(s, xs)
+            lq = posterior.log_prob(s, xs, **kw)
         samples.append(s)
         logq.append(lq)
         if progress:
@@ -115,7 +122,8 @@ def calibration_checks(
     n, d = theta.shape
     names = list(posterior.parameter_names)
     samples, logq = _draws(posterior, x, n_samples, seed, progress)
-    logq_true = torch.cat([posterior.log_prob(theta[i:i + 4096].unsqueeze(1), x[i:i + 4096])
+    kw = _unnormalized(posterior)
+    logq_true = torch.cat([posterior.log_prob(theta[i:i + 4096].unsqueeze(1), x[i:i + 4096], **kw)
                            for i in range(0, n, 4096)]).reshape(n)
     if not torch.isfinite(samples).all() or torch.isnan(logq).any():
         raise SbipipeError("the posterior produced non-finite samples or densities; the model is broken, retrain it")

@@ -114,7 +114,8 @@ def stop_shared() -> None:
 
 
 def _register_model(service: Service) -> None:
-    """A small two_moons posterior in the registry (name ``tm``) and an observation for it."""
+    """A small two_moons posterior (truncated to the prior) in the registry (name ``tm``) and an
+    observation for it."""
     from sbipipe.bank import simulate_bank
     from sbipipe.models import register_model
     from sbipipe.npe import train_posterior
@@ -122,7 +123,8 @@ def _register_model(service: Service) -> None:
 
     work = service.root / "model-work"
     simulate_bank("two_moons", work / "bank.h5", 1000, seed=1, chunk_size=1000)
-    train_posterior(work / "bank.h5", work / "model", max_epochs=2, seed=0)
+    # truncated to the prior, so that the served path reports its acceptance rate
+    train_posterior(work / "bank.h5", work / "model", max_epochs=2, seed=0, support="truncate")
     entry = register_model("tm", work / "model", calibrated=True, home=service.home)
     service.model = entry["name"]
     service.observation = save_observation(service.root / "obs" / "good.npy", torch.tensor([0.3, -0.2]))

@@ -149,13 +149,14 @@ def test_submit_wait_completes_with_samples_file_and_artifacts(service, served):
         assert run.state.is_completed() and run.name.startswith("infer tm")
         result = run.state.result()  # persisted (JSON) for callers
         assert result["samples"] == str(samples) and {r["parameter"] for r in result["summary"]} == {"theta1", "theta2"}
+        assert len(result["acceptance"]) == 1 and 0 < result["acceptance"][0] <= 1
     artifacts = api_request(service.api, "POST", "/artifacts/filter", {
         "artifacts": {"flow_run_id": {"any_": [str(run_id)]}}, "sort": "CREATED_DESC", "limit": 20, "offset": 0})
     by_type = {a["type"]: a for a in artifacts if a["type"]}  # (None: the persisted-result record)
     assert set(by_type) == {"markdown", "table", "image"}
     markdown = by_type["markdown"]["data"]
     for fragment in ("model | tm:1", "simulator | two_moons v1", "good.npy", "validation verdict | **passed**",
-                     "| theta1 |", "data:image/png;base64,"):
+                     "| theta1 |", "acceptance (truncated to the prior) | ", "data:image/png;base64,"):
         assert fragment in markdown, fragment
     assert [r["parameter"] for r in json.loads(by_type["table"]["data"])] == ["theta1", "theta2"]
     assert by_type["image"]["data"].startswith("data:image/png;base64,")
