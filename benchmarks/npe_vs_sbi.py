@@ -1,12 +1,15 @@
 """This project's NPE engine vs sbi 0.27's ``NPE`` (defaults) on SBI-benchmark tasks, same banks.
 
     python benchmarks/npe_vs_sbi.py [--tasks two_moons,gaussian_linear,slcp] [--budgets 1000,10000,100000]
-                                    [--methods ours,sbi,score,flowmatch] [--observations 5]
-                                    [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N]
+                                    [--methods ours,sbi,score,flowmatch,map,truncate] [--observations 5]
+                                    [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N] [--seed S]
 
 Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by validation loss); ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
 ``flowmatch`` — this engine's score-based (NPSE) and flow-matching (FMPE) estimators
-(``train_posterior(..., estimator=...)`` at their defaults). For every task and simulation budget
+(``train_posterior(..., estimator=...)`` at their defaults); ``map`` and ``truncate`` — the default
+with the support forced (``support=...``: the prior's support map, or the real line truncated to
+the prior's box; ``ours`` pilots both). ``--seed`` sets this engine's training seed (default 0;
+use one work folder per seed). For every task and simulation budget
 all methods train on the same bank (``simulate_bank(task, ..., seed=0)``; sbi gets all rows and
 makes its own validation split, ours use the bank's split). Metrics:
 
@@ -55,9 +58,13 @@ from sbipipe.simulator import forked_rng
 
 TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
-METHODS = ("ours", "sbi", "score", "flowmatch")
-ESTIMATOR = {"ours": "auto", "score": "score", "flowmatch": "flowmatch"}  # this engine's methods
-LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch"}
+METHODS = ("ours", "sbi", "score", "flowmatch", "map", "truncate")
+#: this engine's methods: ``train_posterior`` options
+OPTIONS: dict[str, dict[str, str]] = {
+    "ours": {"estimator": "auto"}, "score": {"estimator": "score"}, "flowmatch": {"estimator": "flowmatch"},
+    "map": {"estimator": "auto", "support": "map"}, "truncate": {"estimator": "auto", "support": "truncate"},
+}
+LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "map": "map", "truncate": "truncate"}
 SAMPLE_SEED = 10_000  # posterior draws for observation j use SAMPLE_SEED + j (references use j)
 N_SAMPLES = 10_000
 N_REFERENCE = 10_000
@@ -182,14 +189,14 @@ def sbi_prior(sim: Any) -> torch.distributions.Distribution:
 class Method:
     """Trains (or loads) one method's posterior for one bank; ``sample(x, n, seed)`` -> [n, D]."""
 
-    def __init__(self, name: str, task: str, budget: int, workdir: Path):
-        self.name, self.task, self.budget, self.workdir = name, task, budget, workdir
-        self.model_path = workdir / "models" / (f"{task}_{budget}_{name}" if name in ESTIMATOR else f"{task}_{budget}_sbi.pt")
+    def __init__(self, name: str, task: str, budget: int, workdir: Path, seed: int = 0):
+        self.name, self.task, self.budget, self.workdir, self.seed = name, task, budget, workdir, seed
+        self.model_path = workdir / "models" / (f"{task}_{budget}_{name}" if name in OPTIONS else f"{task}_{budget}_sbi.pt")
         self.model_path.parent.mkdir(parents=True, exist_ok=True)
         self.posterior: Any = None
 
     def trained(self) -> bool:
-        if self.name in ESTIMATOR:
+        if self.name in OPTIONS:
             from sbipipe.store import CARD
 
             return (self.model_path / CARD).exists()  # the card is written last
@@ -198,14 +205,14 @@ class Method:
     def train(self, bank: Path) -> tuple[float, float]:
         """Wall and CPU (this process, all threads) seconds of training."""
         cpu0 = time.process_time()
-        if self.name in ESTIMATOR:
+        if self.name in OPTIONS:
             import shutil
 
             from sbipipe.npe import train_posterior
 
             shutil.rmtree(self.model_path, ignore_errors=True)
             t0 = time.perf_counter()
-            self.posterior = train_posterior(bank, self.model_path, estimator=ESTIMATOR[self.name], seed=0)
+            self.posterior = train_posterior(bank, self.model_path, **OPTIONS[self.name], seed=self.seed)
             seconds = time.perf_counter() - t0
         else:
             from sbi.inference import NPE
@@ -233,7 +240,7 @@ class Method:
     def load(self) -> None:
         if self.posterior is not None:
             return
-        if self.name in ESTIMATOR:
+        if self.name in OPTIONS:
             from sbipipe.posterior import load_posterior
 
             self.posterior = load_posterior(self.model_path)
@@ -241,7 +248,7 @@ class Method:
             raise RuntimeError("sbi posteriors are not cached; train first")
 
     def sample(self, x: torch.Tensor, n: int, seed: int | None = None) -> torch.Tensor:
-        if self.name in ESTIMATOR:
+        if self.name in OPTIONS:
             return self.posterior.sample(x, n, seed=seed)
         with forked_rng(seed):
             return self.posterior.sample((n,), x=x, show_progress_bars=False)
@@ -257,8 +264,12 @@ def best_of(fn: Any, repeat: int = 3) -> float:
     return min(times)
 
 
-def run_one(results: Results, workdir: Path, task: str, budget: int, method: str, observations: int) -> None:
+def run_one(results: Results, workdir: Path, task: str, budget: int, method: str, observations: int,
+            seed: int = 0) -> None:
     entry = results.entry(task, budget, method)
+    if method in OPTIONS and entry.get("seed", 0) != seed:
+        entry.pop("train_s", None)  # trained with another seed: retrain
+    entry["seed"] = seed
     if entry.get("sample_seed") != SAMPLE_SEED:
         # C2STs cached under the old protocol (seed j for posterior draws) are only wrong where the
         # reference shares that seed's normal stream: gaussian_linear (see the module docstring)
@@ -268,7 +279,7 @@ def run_one(results: Results, workdir: Path, task: str, budget: int, method: str
     todo = [j for j in range(observations) if str(j) not in entry["c2st"]]
     if "train_s" in entry and "sample_ms" in entry and not todo:
         return
-    m = Method(method, task, budget, workdir)
+    m = Method(method, task, budget, workdir, seed)
     tag = f"{task} n={budget} {method}"
     if "train_s" not in entry or not m.trained():
         log(f"{tag}: training")
@@ -406,6 +417,7 @@ def main() -> None:
                     help="comma-separated; ours is the NSF flow (default: %(default)s)")
     ap.add_argument("--workdir", default="/tmp/sbipipe-npe-vs-sbi", help="cache and output folder (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0, help="this engine's training seed (default: %(default)s)")
     ap.add_argument("--report-only", action="store_true", help="print the table from the cache, compute nothing")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 if a target is missed")
     args = ap.parse_args()
@@ -428,7 +440,7 @@ def main() -> None:
         for task in tasks:
             for budget in budgets:
                 for method in methods:
-                    run_one(results, workdir, task, budget, method, args.observations)
+                    run_one(results, workdir, task, budget, method, args.observations, args.seed)
     shown = tuple(m for m in METHODS if m in methods or any(
         f"{t}|{b}|{m}" in results.data for t in tasks for b in budgets))  # computed now or cached
     rows = table(results, tasks, budgets, args.observations, shown)
