@@ -1,14 +1,13 @@
 """This project's NPE engine vs sbi 0.27's ``NPE`` (defaults) on SBI-benchmark tasks, same banks.
 
     python benchmarks/npe_vs_sbi.py [--tasks two_moons,gaussian_linear,slcp] [--budgets 1000,10000,100000]
-                                    [--methods ours,sbi,score,flowmatch,map,truncate] [--observations 5]
+                                    [--methods ours,sbi,score,flowmatch,truncate] [--observations 5]
                                     [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N] [--seed S]
 
 Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by validation loss); ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
 ``flowmatch`` — this engine's score-based (NPSE) and flow-matching (FMPE) estimators
-(``train_posterior(..., estimator=...)`` at their defaults); ``map`` and ``truncate`` — the default
-with the support forced (``support=...``: the prior's support map, or the real line truncated to
-the prior's box; ``ours`` pilots both). ``--seed`` sets this engine's training seed (default 0;
+(``train_posterior(..., estimator=...)`` at their defaults); ``truncate`` — the default with θ on
+the real line truncated to the prior's box (``support="truncate"``) instead of mapped into it. ``--seed`` sets this engine's training seed (default 0;
 use one work folder per seed). For every task and simulation budget
 all methods train on the same bank (``simulate_bank(task, ..., seed=0)``; sbi gets all rows and
 makes its own validation split, ours use the bank's split). Metrics:
@@ -58,13 +57,13 @@ from sbipipe.simulator import forked_rng
 
 TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
-METHODS = ("ours", "sbi", "score", "flowmatch", "map", "truncate")
+METHODS = ("ours", "sbi", "score", "flowmatch", "truncate")
 #: this engine's methods: ``train_posterior`` options
 OPTIONS: dict[str, dict[str, str]] = {
     "ours": {"estimator": "auto"}, "score": {"estimator": "score"}, "flowmatch": {"estimator": "flowmatch"},
-    "map": {"estimator": "auto", "support": "map"}, "truncate": {"estimator": "auto", "support": "truncate"},
+    "truncate": {"estimator": "auto", "support": "truncate"},
 }
-LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "map": "map", "truncate": "truncate"}
+LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "truncate": "truncate"}
 SAMPLE_SEED = 10_000  # posterior draws for observation j use SAMPLE_SEED + j (references use j)
 N_SAMPLES = 10_000
 N_REFERENCE = 10_000

@@ -161,8 +161,8 @@ def train_cmd(
     ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
                                                          "simulator's preference, 2 for dwarf, else 1).")] = None,
     support: Annotated[str, typer.Option(help="How θ meets a bounded prior: map (through the prior's support "
-                                              "transform), truncate (real line, rejection) or auto (both "
-                                              "in the pilot, keep the better).")] = "auto",
+                                              "transform) or truncate (the real line, truncated by "
+                                              "rejection; see README).")] = "map",
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: 64 to 512 rows, about 16 batches per epoch for the "
                                                           "flows, 50 for score and flowmatch.")] = None,

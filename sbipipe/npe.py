@@ -105,30 +105,13 @@ FLOW_SCHEDULE = (16, 5)
 #: after 10, by 0.18-2.1 nats (0.13-2.5 after 10).
 PILOT_FRACTION = 0.05
 
-#: where the prior is bounded, ``support="auto"`` then pilots the kept estimator with θ mapped and
-#: with θ on the real line truncated to the box (:data:`sbipipe.posterior.SUPPORTS`), for this
-#: fraction of the schedule (at least 10 epochs): their gaps are smaller than the estimators'
-#: (0.02-0.5 nats after 5 epochs). Racing all four pairs at 5 epochs misled: on cosmo_gaussian the
-#: truncated MAF led there (by 0.17 nats) and ended 0.03 nats behind the mapped NSF, failing SBC.
-SUPPORT_PILOT_FRACTION = 0.1
-
-#: truncation is kept only if its held-out −log q(θ | x) then beats the map's by more than this
-#: (nats). Its training loss ignores the normaliser A(x), so near the bounds the flow is pushed to
-#: end its mass there, which it can only do by moving it inwards; the map has no such bias. Where
-#: the two were closer after the support pilot, the map ended as good or better: cosmo_gaussian
-#: (truncation ahead by 0.043 there, behind by 0.005 at the end) and cosmo_lognormal (ahead by
-#: 0.016, behind by 0.002 at the end, and over-confident: SBC p = 0.001). On two_moons (10⁴,
-#: seeds 0-2) truncation led by 0.11, 0.086 and 0.014 and won at the end, by C2ST 0.05, 0.03, 0.004.
-TRUNCATE_MARGIN = 0.05
-
-
 def train_posterior(
     bank_path: str | os.PathLike,
     output: str | os.PathLike,
     estimator: str = "auto",
     embedding: str = "auto",
     ensemble: int | None = None,
-    support: str = "auto",
+    support: str = "map",
     max_epochs: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
@@ -145,14 +128,14 @@ def train_posterior(
 
     ``estimator="auto"`` pilots a first member of each of :data:`AUTO_CANDIDATES` with the same seed
     and keeps the one with the lowest held-out negative log density of θ (an estimate of the expected
-    KL divergence up to a constant). With ``support="auto"``, a flow on a prior with a finite bound
-    then pilots the kept estimator with θ mapped into the box and with θ on the real line truncated to
-    it (:data:`sbipipe.posterior.SUPPORTS`; see :data:`TRUNCATE_MARGIN`). The winner is trained on, the
-    other ensemble members are trained as it, and the card records every candidate's loss."""
+    KL divergence up to a constant), trains it on and the other ensemble members as it; the card
+    records every candidate's loss. ``support`` says how θ meets a bounded prior: ``"map"`` into its
+    box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`; README, "Bounded
+    priors", says why the map is the default)."""
     if estimator not in ESTIMATORS and estimator != "auto":
         raise SbipipeError(f"unknown estimator {estimator!r}; choose auto or one of {', '.join(ESTIMATORS)}")
-    if support not in SUPPORTS and support != "auto":
-        raise SbipipeError(f"unknown support {support!r}; choose auto or one of {', '.join(SUPPORTS)}")
+    if support not in SUPPORTS:
+        raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     if embedding not in EMBEDDINGS:
         raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
     if ensemble is not None and ensemble < 1:
@@ -219,14 +202,9 @@ def train_posterior(
         },
         "packages": package_versions(),
     }
-    names = AUTO_CANDIDATES if estimator == "auto" else (estimator,)
     bounded = bool(torch.isfinite(torch.cat([lower, upper])).any())
-    if support != "auto":
-        supports: tuple[str, ...] = (support if bounded else "map",)  # on the real line both are the same
-    else:  # the flows race both supports on a bounded prior; score and flow matching map it
-        supports = SUPPORTS if bounded and all(name in FLOWS for name in names) else ("map",)
-    candidates = [(name, supports[0]) for name in names]  # the estimators race first, on one support
-    racing = len(candidates) > 1 or len(supports) > 1
+    mode = support if bounded else "map"  # on the real line the two are the same
+    candidates = [(name, mode) for name in (AUTO_CANDIDATES if estimator == "auto" else (estimator,))]
 
     def label(candidate: tuple[str, str]) -> str:
         name, sup = candidate
@@ -253,7 +231,7 @@ def train_posterior(
             return member, pd.read_csv(hist_path)
         member.fit_standardization(theta_fit, x_fit)
         cfg = TrainConfig(**{**name_config.__dict__, "seed": seed + k})
-        tag = label(candidate) if racing and k == 0 else k
+        tag = label(candidate) if len(candidates) > 1 and k == 0 else k
         report = (lambda row: progress(tag, row)) if progress else None
         history = fit(member, train, val, cfg, checkpoint=ckpt_dir / f"{stem}.pt", resume=resume or going_on,
                       progress=report, until=until)
@@ -266,37 +244,21 @@ def train_posterior(
 
     def heldout_nll(member: Any, history: pd.DataFrame, epochs: int) -> float:
         """The best validation loss of the first ``epochs`` epochs as a negative log density of θ:
-        the loss is −log q_z(z), and log q(θ) = log q_z(z) + log |dz/dθ| (for a truncated candidate
-        without −log A(x) ≤ 0, so an upper bound: truncation is kept only where it is clearly better)."""
+        the loss is −log q_z(z), and log q(θ) = log q_z(z) + log |dz/dθ| (truncated: without −log A(x))."""
         with torch.no_grad():
             log_dz_dtheta = float(member.standardize(theta_val.to(member.u_mean.device))[1].mean())
         return float(history["val_loss"][:epochs].min()) - log_dz_dtheta
 
     t0 = time.perf_counter()
-    if racing:
-        # a resumed run may find a candidate's checkpoint past a pilot: each is judged on its first epochs
-        selection: dict[str, Any] = {}
-        chosen = candidates[0]
-        if len(candidates) > 1:
-            pilot = max(5, math.ceil(PILOT_FRACTION * max_epochs))
-            losses = {c: heldout_nll(*train_member(c, 0, until=pilot), pilot) for c in candidates}
-            chosen = min(candidates, key=losses.__getitem__)
-            selection.update(pilot_epochs=pilot, val_loss={label(c): loss for c, loss in losses.items()})
-        if len(supports) > 1:  # then the kept estimator's supports, over a longer pilot
-            rivals = [(chosen[0], sup) for sup in supports]
-            longer = max(10, math.ceil(SUPPORT_PILOT_FRACTION * max_epochs))
-            piloted = set(candidates) if len(candidates) > 1 else set()  # their checkpoints are this run's
-            losses = {c: heldout_nll(*train_member(c, 0, until=longer, going_on=c in piloted), longer)
-                      for c in rivals}
-            mapped, truncated = rivals
-            chosen = truncated if losses[truncated] < losses[mapped] - TRUNCATE_MARGIN else mapped
-            selection.update(support_pilot_epochs=longer, support_val_loss={label(c): v for c, v in losses.items()},
-                             truncate_margin=TRUNCATE_MARGIN)
+    if len(candidates) > 1:
+        pilot = max(5, math.ceil(PILOT_FRACTION * max_epochs))
+        # a resumed run may find the kept candidate's checkpoint past the pilot: judge its first epochs
+        losses = {c: heldout_nll(*train_member(c, 0, until=pilot), pilot) for c in candidates}
+        chosen = min(candidates, key=losses.__getitem__)
         card["training"]["selection"] = {
-            "rule": ("lowest held-out negative log density of θ of member 0: between the estimators after "
-                     "pilot_epochs, then between the kept one's supports after support_pilot_epochs (truncation "
-                     "by more than truncate_margin); then trained on"),
-            **selection,
+            "rule": f"lowest held-out negative log density of θ of member 0 after {pilot} epochs, then trained on",
+            "pilot_epochs": pilot,
+            "val_loss": {label(c): loss for c, loss in losses.items()},
             "chosen": label(chosen),
         }
         first = train_member(chosen, 0, going_on=True)
