@@ -105,6 +105,7 @@ FLOW_SCHEDULE = (16, 5)
 #: after 10, by 0.18-2.1 nats (0.13-2.5 after 10).
 PILOT_FRACTION = 0.05
 
+
 def train_posterior(
     bank_path: str | os.PathLike,
     output: str | os.PathLike,

@@ -160,7 +160,7 @@ class Posterior:
                     "bank that covers it"
                 )
             missing = int((n - filled[short]).max())
-            floor = 1 / float(drawn[short].max())  # no acceptance seen yet: at most 16x more draws per round
+            floor = 1 / float(drawn[short].max())  # none accepted yet counts as one; rounds grow at most 16x
             want = max(1, min(int(1.2 * missing / max(float(rate.min()), floor)) + 1, 16 * want,
                               2**24 // int(short.sum())))
 
