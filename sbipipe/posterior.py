@@ -125,6 +125,8 @@ class Posterior:
         """``n`` draws per observation from q, or from q_T by rejection: each observation keeps its
         first ``n`` draws inside the box; those still short are redrawn, in batches sized by their
         acceptance so far."""
+        if n <= 0:
+            raise SbipipeError(f"-n must be positive, got {n}")
         if not self.truncated:
             return self._mixture_draws(obs, n, with_log_prob)
         m, dim = len(obs), len(self.parameter_names)
@@ -167,8 +169,6 @@ class Posterior:
     @torch.no_grad()
     def sample(self, x: Any, n: int, seed: int | None = None) -> Tensor:
         """``n`` posterior draws: ``[n, D]`` for one observation, ``[M, n, D]`` for a stack."""
-        if n <= 0:
-            raise SbipipeError(f"-n must be positive, got {n}")
         obs, single = self._observations(x)
         with forked_rng(seed, [self.device] if self.device.type == "cuda" else []):
             out = self._draws(obs, n, with_log_prob=False)[0].cpu()
@@ -206,14 +206,11 @@ class Posterior:
         """Draws and their log q for a stack ``x [M, ...]``: ``[M, n, D]``, ``[M, n]``. A single flow
         computes both in one pass. ``normalize=False`` leaves a truncated posterior's densities
         without their per-observation constant −log A(x) (enough to rank draws, as HPD levels do)."""
-        if n <= 0:
-            raise SbipipeError(f"-n must be positive, got {n}")
         obs, _ = self._observations(x)
         with forked_rng(seed, [self.device] if self.device.type == "cuda" else []):
             draws, lp = self._draws(obs, n, with_log_prob=True)
         assert lp is not None
-        if self.truncated and normalize:
-            lp = lp - self.acceptance(obs).to(lp.device).clamp_min(MIN_ACCEPTANCE).log().unsqueeze(1)
+        lp = self._truncate(lp.transpose(0, 1), draws.transpose(0, 1), obs, normalize).transpose(0, 1)
         return draws.cpu(), lp.cpu()
 
     @torch.no_grad()
