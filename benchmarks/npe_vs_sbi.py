@@ -1,13 +1,19 @@
 """This project's NPE engine vs sbi 0.27's ``NPE`` (defaults) on SBI-benchmark tasks, same banks.
 
     python benchmarks/npe_vs_sbi.py [--tasks two_moons,gaussian_linear,slcp] [--budgets 1000,10000,100000]
-                                    [--methods ours,sbi,score,flowmatch,truncate] [--observations 5]
+                                    [--methods ours,sbi,score,flowmatch,truncate,flat,sbi-exchangeable]
+                                    [--observations 5]
                                     [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N] [--seed S]
 
 Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by validation loss); ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
 ``flowmatch`` — this engine's score-based (NPSE) and flow-matching (FMPE) estimators
 (``train_posterior(..., estimator=...)`` at their defaults); ``truncate`` — the default with θ on
-the real line truncated to the prior's box (``support="truncate"``) instead of mapped into it. ``--seed`` sets this engine's training seed (default 0;
+the real line truncated to the prior's box (``support="truncate"``) instead of mapped into it; ``flat``
+— the default with the observation as a plain vector (``embedding="identity"``) where the simulator
+names an embedding of its own (slcp: ``exchangeable:4``, its four i.i.d. draws); ``sbi-exchangeable``
+— sbi's ``NPE`` given the same structure, a ``PermutationInvariantEmbedding`` (mean of a three-layer
+64-unit MLP over the draws, as ours; tasks without exchangeable draws are skipped). ``--seed`` sets
+this engine's training seed (default 0;
 use one work folder per seed). For every task and simulation budget
 all methods train on the same bank (``simulate_bank(task, ..., seed=0)``; sbi gets all rows and
 makes its own validation split, ours use the bank's split). Metrics:
@@ -57,13 +63,14 @@ from sbipipe.simulator import forked_rng
 
 TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
-METHODS = ("ours", "sbi", "score", "flowmatch", "truncate")
+METHODS = ("ours", "sbi", "score", "flowmatch", "truncate", "flat", "sbi-exchangeable")
 #: this engine's methods: ``train_posterior`` options
 OPTIONS: dict[str, dict[str, str]] = {
     "ours": {"estimator": "auto"}, "score": {"estimator": "score"}, "flowmatch": {"estimator": "flowmatch"},
-    "truncate": {"estimator": "auto", "support": "truncate"},
+    "truncate": {"estimator": "auto", "support": "truncate"}, "flat": {"estimator": "auto", "embedding": "identity"},
 }
-LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "truncate": "truncate"}
+LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "truncate": "truncate",
+         "flat": "flat", "sbi-exchangeable": "sbi exch."}
 SAMPLE_SEED = 10_000  # posterior draws for observation j use SAMPLE_SEED + j (references use j)
 N_SAMPLES = 10_000
 N_REFERENCE = 10_000
@@ -190,7 +197,7 @@ class Method:
 
     def __init__(self, name: str, task: str, budget: int, workdir: Path, seed: int = 0):
         self.name, self.task, self.budget, self.workdir, self.seed = name, task, budget, workdir, seed
-        self.model_path = workdir / "models" / (f"{task}_{budget}_{name}" if name in OPTIONS else f"{task}_{budget}_sbi.pt")
+        self.model_path = workdir / "models" / f"{task}_{budget}_{name}"
         self.model_path.parent.mkdir(parents=True, exist_ok=True)
         self.posterior: Any = None
 
@@ -223,9 +230,18 @@ class Method:
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(chatter):
                 # sbi's default summary writer logs to ./sbi-logs; keep its logs in the work folder
-                writer = SummaryWriter(str(self.workdir / "sbi-logs" / f"{self.task}_{self.budget}"))
+                writer = SummaryWriter(str(self.workdir / "sbi-logs" / f"{self.task}_{self.budget}_{self.name}"))
+                options: dict[str, Any] = {}
+                if self.name == "sbi-exchangeable":
+                    from sbi.neural_nets import posterior_nn
+                    from sbi.neural_nets.embedding_nets import FCEmbedding, PermutationInvariantEmbedding
+
+                    x = x.reshape(len(x), *self.draws)
+                    trial = FCEmbedding(self.draws[1], 64, num_layers=3, num_hiddens=64)
+                    net = PermutationInvariantEmbedding(trial, 64, aggregation_fn="mean", output_dim=32)
+                    options["density_estimator"] = posterior_nn("maf", embedding_net=net)
                 inference = NPE(prior=sbi_prior(get_simulator(self.task)), show_progress_bars=False,
-                                summary_writer=writer)
+                                summary_writer=writer, **options)
                 estimator = inference.append_simulations(theta, x).train()
             seconds = time.perf_counter() - t0
             writer.close()
@@ -249,8 +265,20 @@ class Method:
     def sample(self, x: torch.Tensor, n: int, seed: int | None = None) -> torch.Tensor:
         if self.name in OPTIONS:
             return self.posterior.sample(x, n, seed=seed)
+        if self.draws:
+            x = x.reshape(1, *self.draws)
         with forked_rng(seed):
             return self.posterior.sample((n,), x=x, show_progress_bars=False)
+
+    @property
+    def draws(self) -> tuple[int, int] | None:
+        """(n, F) of the task's exchangeable draws for ``sbi-exchangeable``, else None."""
+        if self.name != "sbi-exchangeable":
+            return None
+        from sbipipe.nets import draw_shape
+
+        sim = get_simulator(self.task)
+        return draw_shape(sim.embedding, sim.observation_shape)
 
 
 def best_of(fn: Any, repeat: int = 3) -> float:
@@ -265,6 +293,9 @@ def best_of(fn: Any, repeat: int = 3) -> float:
 
 def run_one(results: Results, workdir: Path, task: str, budget: int, method: str, observations: int,
             seed: int = 0) -> None:
+    sim = get_simulator(task)
+    if method in ("flat", "sbi-exchangeable") and not str(getattr(sim, "embedding", "")).startswith("exchangeable"):
+        return  # the same as ours / sbi where the simulator names no exchangeable embedding
     entry = results.entry(task, budget, method)
     if method in OPTIONS and entry.get("seed", 0) != seed:
         entry.pop("train_s", None)  # trained with another seed: retrain

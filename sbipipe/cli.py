@@ -157,7 +157,7 @@ def train_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     estimator: Annotated[str, typer.Option(help="auto (nsf or maf, whichever has the lower validation loss after a pilot), nsf, maf or naf "
                                                 "(flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "auto",
-    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, exchangeable (exchangeable:n for a vector of n draws), deepset or kinematics.")] = "auto",
     ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
                                                          "simulator's preference, 2 for dwarf, else 1).")] = None,
     support: Annotated[str, typer.Option(help="How θ meets a bounded prior: map (through the prior's support "

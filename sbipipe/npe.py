@@ -19,7 +19,7 @@ from .atomic import atomic_path
 from .bank import SimulationBank
 from .errors import SbipipeError
 from .estimators import FLOWS, prior_bounds
-from .nets import EMBEDDINGS, SINGLE_THREAD_EMBEDDINGS, auto_embedding
+from .nets import auto_embedding, check_embedding, single_thread
 from .posterior import ESTIMATORS, SUPPORTS, Posterior, build_member
 from .registry import get_simulator
 from .simulator import describe_distribution
@@ -137,8 +137,7 @@ def train_posterior(
         raise SbipipeError(f"unknown estimator {estimator!r}; choose auto or one of {', '.join(ESTIMATORS)}")
     if support not in SUPPORTS:
         raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
-    if embedding not in EMBEDDINGS:
-        raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
+    check_embedding(embedding)
     if ensemble is not None and ensemble < 1:
         raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
     dev = resolve_device(device)
@@ -176,7 +175,7 @@ def train_posterior(
     max_epochs = max_epochs or default_max_epochs(n_train, batch_size, STEP_FACTOR.get(estimator, 1), per_step)
     config = TrainConfig(**{
         "max_epochs": max_epochs, "batch_size": batch_size, "device": str(dev), "seed": seed,
-        "threads": 1 if kind in SINGLE_THREAD_EMBEDDINGS else None,
+        "threads": 1 if single_thread(kind) else None,
         **({"patience": max_epochs} if estimator in STEP_FACTOR else {}),
     })
     card: dict[str, Any] = {
