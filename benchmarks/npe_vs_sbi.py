@@ -9,10 +9,10 @@ Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by
 ``flowmatch`` — this engine's score-based (NPSE) and flow-matching (FMPE) estimators
 (``train_posterior(..., estimator=...)`` at their defaults); ``truncate`` — the default with θ on
 the real line truncated to the prior's box (``support="truncate"``) instead of mapped into it; ``flat``
-— the default with the observation as a plain vector (``embedding="identity"``) where the simulator
-names an embedding of its own (slcp: ``exchangeable:4``, its four i.i.d. draws); ``sbi-exchangeable``
-— sbi's ``NPE`` given the same structure, a ``PermutationInvariantEmbedding`` (mean of a three-layer
-64-unit MLP over the draws, as ours; tasks without exchangeable draws are skipped). ``--seed`` sets
+— the default without shuffling the order of the simulator's exchangeable draws in training
+(``augment=False``; slcp's x is four i.i.d. 2-D draws); ``sbi-exchangeable`` — sbi's ``NPE`` told
+of the same structure its own way, a ``PermutationInvariantEmbedding`` (mean of a three-layer 64-unit
+MLP over the draws). Both are skipped for tasks without exchangeable draws. ``--seed`` sets
 this engine's training seed (default 0;
 use one work folder per seed). For every task and simulation budget
 all methods train on the same bank (``simulate_bank(task, ..., seed=0)``; sbi gets all rows and
@@ -65,9 +65,9 @@ TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
 METHODS = ("ours", "sbi", "score", "flowmatch", "truncate", "flat", "sbi-exchangeable")
 #: this engine's methods: ``train_posterior`` options
-OPTIONS: dict[str, dict[str, str]] = {
+OPTIONS: dict[str, dict[str, Any]] = {
     "ours": {"estimator": "auto"}, "score": {"estimator": "score"}, "flowmatch": {"estimator": "flowmatch"},
-    "truncate": {"estimator": "auto", "support": "truncate"}, "flat": {"estimator": "auto", "embedding": "identity"},
+    "truncate": {"estimator": "auto", "support": "truncate"}, "flat": {"estimator": "auto", "augment": False},
 }
 LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "truncate": "truncate",
          "flat": "flat", "sbi-exchangeable": "sbi exch."}
@@ -234,7 +234,10 @@ class Method:
                 options: dict[str, Any] = {}
                 if self.name == "sbi-exchangeable":
                     from sbi.neural_nets import posterior_nn
-                    from sbi.neural_nets.embedding_nets import FCEmbedding, PermutationInvariantEmbedding
+                    from sbi.neural_nets.embedding_nets import (
+                        FCEmbedding,
+                        PermutationInvariantEmbedding,
+                    )
 
                     x = x.reshape(len(x), *self.draws)
                     trial = FCEmbedding(self.draws[1], 64, num_layers=3, num_hiddens=64)
@@ -275,10 +278,7 @@ class Method:
         """(n, F) of the task's exchangeable draws for ``sbi-exchangeable``, else None."""
         if self.name != "sbi-exchangeable":
             return None
-        from sbipipe.nets import draw_shape
-
-        sim = get_simulator(self.task)
-        return draw_shape(sim.embedding, sim.observation_shape)
+        return tuple(get_simulator(self.task).exchangeable_draws)
 
 
 def best_of(fn: Any, repeat: int = 3) -> float:
@@ -293,9 +293,8 @@ def best_of(fn: Any, repeat: int = 3) -> float:
 
 def run_one(results: Results, workdir: Path, task: str, budget: int, method: str, observations: int,
             seed: int = 0) -> None:
-    sim = get_simulator(task)
-    if method in ("flat", "sbi-exchangeable") and not str(getattr(sim, "embedding", "")).startswith("exchangeable"):
-        return  # the same as ours / sbi where the simulator names no exchangeable embedding
+    if method in ("flat", "sbi-exchangeable") and getattr(get_simulator(task), "exchangeable_draws", None) is None:
+        return  # the same as ours / sbi where the simulator declares no exchangeable draws
     entry = results.entry(task, budget, method)
     if method in OPTIONS and entry.get("seed", 0) != seed:
         entry.pop("train_s", None)  # trained with another seed: retrain

@@ -157,12 +157,15 @@ def train_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     estimator: Annotated[str, typer.Option(help="auto (nsf or maf, whichever has the lower validation loss after a pilot), nsf, maf or naf "
                                                 "(flows), score (diffusion, NPSE) or flowmatch (FMPE).")] = "auto",
-    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, exchangeable (exchangeable:n for a vector of n draws), deepset or kinematics.")] = "auto",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
     ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
                                                          "simulator's preference, 2 for dwarf, else 1).")] = None,
     support: Annotated[str, typer.Option(help="How θ meets a bounded prior: map (through the prior's support "
                                               "transform) or truncate (the real line, truncated by "
                                               "rejection; see README).")] = "map",
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Shuffle the order of the observation's "
+                                                    "exchangeable draws in every batch (default: on when the simulator "
+                                                    "declares exchangeable_draws, as slcp does).")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: 64 to 512 rows, about 16 batches per epoch for the "
                                                           "flows, 50 for score and flowmatch.")] = None,
@@ -176,7 +179,7 @@ def train_cmd(
 
     with epoch_progress(f"train {estimator}", ensemble) as report:
         post = train_posterior(bank, output, estimator=estimator, embedding=embedding, ensemble=ensemble,
-                               support=support, max_epochs=max_epochs, batch_size=batch_size, device=device,
+                               support=support, augment=augment, max_epochs=max_epochs, batch_size=batch_size, device=device,
                                resume=resume, seed=seed, progress=report)
     tr = post.card["training"]
     losses = ", ".join(f"{f['best_val_loss']:.4f} ({f['epochs']} epochs)" for f in tr["final"])

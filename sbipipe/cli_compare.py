@@ -26,7 +26,7 @@ def train_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     n: Annotated[Optional[int], typer.Option("-n", help="Simulations per model (needed to simulate; banks: default all rows of the smallest).")] = None,
     loss: Annotated[str, typer.Option(help="ce (cross-entropy, any number of models) or evidence (l-POP-Exponential, two models).")] = "ce",
-    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, exchangeable (exchangeable:n for a vector of n draws), deepset or kinematics.")] = "auto",
+    embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
     ensemble: Annotated[int, typer.Option(help="Classifiers averaged to temper over-confidence.")] = 1,
     augment: Annotated[bool, typer.Option("--augment", help="Train on randomly flipped/transposed images (isotropic fields only).")] = False,
     calibration_rows: Annotated[int, typer.Option(help="Held-out simulations per model for calibration and the misspecification test.")] = 2000,

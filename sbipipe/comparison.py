@@ -54,12 +54,12 @@ from .atomic import atomic_path
 from .bank import SimulationBank, simulate_bank, validation_mask
 from .errors import SbipipeError
 from .nets import (
+    EMBEDDINGS,
+    SINGLE_THREAD_EMBEDDINGS,
     auto_embedding,
     build_embedding,
-    check_embedding,
     embed_observations,
     fit_observation_statistics,
-    single_thread,
     statistics_shape,
 )
 from .registry import get_simulator
@@ -536,7 +536,8 @@ def train_comparison(
         raise SbipipeError(f"unknown comparison loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if loss == "evidence" and len(models) != 2:
         raise SbipipeError(f"the evidence-network loss compares exactly two models, got {len(models)}; use --loss ce")
-    check_embedding(embedding)
+    if embedding not in EMBEDDINGS:
+        raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
     if ensemble < 1:
         raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
     if n is not None and n < MIN_ROWS:
@@ -602,7 +603,7 @@ def train_comparison(
     batch_size = batch_size or default_batch_size(len(x_train))
     config = TrainConfig(
         max_epochs=max_epochs or default_max_epochs(len(x_train), batch_size), batch_size=batch_size,
-        device=str(dev), seed=seed, threads=1 if single_thread(kind) else None,
+        device=str(dev), seed=seed, threads=1 if kind in SINGLE_THREAD_EMBEDDINGS else None,
         **(train_options or {}),
     )
     arch = {"kind": KIND, "loss": loss, "embedding": kind, "embedding_kwargs": embedding_kwargs or {},

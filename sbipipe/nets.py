@@ -14,10 +14,6 @@
   Gaussian, so its power spectrum is (up to the binning) sufficient for the lognormal likelihood,
   and the three together for the Gaussian-vs-lognormal Bayes factor (the Jacobian Σ ln(1+δ)).
   Observations are not standardised before it (ln(1+δ) needs δ itself);
-* ``exchangeable`` — observations made of n exchangeable draws (i.i.d. given θ), ``[n, F]`` or
-  a vector of n·F numbers named ``exchangeable:n``: ρ(mean_i φ(x_i)) (Zaheer et al. 2017), so the
-  order of the draws cannot matter and the flow need not learn that from the bank (``slcp``'s four
-  2-D draws name it as their preferred embedding);
 * ``deepset`` — variable-size sets ``[n_max, F + 1]`` whose last column is a 0/1 mask
   (Zaheer et al. 2017): a per-element MLP, masked mean pooling plus log(count), and an MLP;
 * ``kinematics`` — stellar line-of-sight kinematics ``[n, 3]`` = (R, v, mask): a DeepSet over
@@ -40,7 +36,6 @@ __all__ = [
     "EMBEDDINGS",
     "CNNEmbedding",
     "DeepSetEmbedding",
-    "ExchangeableEmbedding",
     "IdentityEmbedding",
     "KinematicsEmbedding",
     "MLPEmbedding",
@@ -48,54 +43,15 @@ __all__ = [
     "SINGLE_THREAD_EMBEDDINGS",
     "auto_embedding",
     "build_embedding",
-    "check_embedding",
     "embed_observations",
     "fit_observation_statistics",
     "observation_statistics",
-    "single_thread",
     "statistics_shape",
 ]
 
-EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "exchangeable", "deepset",
-              "kinematics")
+EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "deepset", "kinematics")
 #: embeddings whose (small) networks train fastest on one CPU thread (measured on 2 cores)
-SINGLE_THREAD_EMBEDDINGS = frozenset({"identity", "mlp", "power", "log-power", "exchangeable", "deepset", "kinematics"})
-
-
-def _split(kind: str) -> tuple[str, int | None]:
-    """``"exchangeable:4"`` → ``("exchangeable", 4)``; other names → ``(name, None)``."""
-    base, sep, draws = kind.partition(":")
-    if not sep:
-        return kind, None
-    if base != "exchangeable" or not draws.isdigit() or int(draws) < 1:
-        raise SbipipeError(f"unknown embedding {kind!r}; only exchangeable takes a count of draws (e.g. exchangeable:4)")
-    return base, int(draws)
-
-
-def check_embedding(kind: str) -> str:
-    """``kind`` if it names an embedding (see :data:`EMBEDDINGS`; ``exchangeable:n`` too), else a one-line error."""
-    if _split(kind)[0] not in EMBEDDINGS:
-        raise SbipipeError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)} (exchangeable:n for a "
-                           "vector of n exchangeable draws)")
-    return kind
-
-
-def single_thread(kind: str) -> bool:
-    """Whether an embedding's networks train fastest on one CPU thread (:data:`SINGLE_THREAD_EMBEDDINGS`)."""
-    return _split(kind)[0] in SINGLE_THREAD_EMBEDDINGS
-
-
-def draw_shape(kind: str, x_shape: Sequence[int]) -> tuple[int, int]:
-    """(n draws, F numbers per draw) of an ``exchangeable`` observation of shape ``x_shape``."""
-    shape, (_, draws) = tuple(int(s) for s in x_shape), _split(kind)
-    if draws is None and len(shape) == 2:
-        return shape
-    if draws is not None and len(shape) == 1 and shape[0] % draws == 0:
-        return draws, shape[0] // draws
-    raise SbipipeError(
-        f"the {kind} embedding needs [n, F] observations, or vectors of n·F numbers with exchangeable:n; "
-        f"got shape {list(shape)}"
-    )
+SINGLE_THREAD_EMBEDDINGS = frozenset({"identity", "mlp", "power", "log-power", "deepset", "kinematics"})
 
 
 class IdentityEmbedding(nn.Module):
@@ -233,24 +189,6 @@ class DeepSetEmbedding(nn.Module):
         return self.rho(torch.cat([pooled, count.log()], -1))
 
 
-class ExchangeableEmbedding(nn.Module):
-    """e(x) = ρ(mean_i φ(x_i)) over n exchangeable draws ``x [B, n, F]`` (Zaheer et al. 2017): invariant
-    to their order. φ has three layers, so it can form the products of a draw's numbers that second
-    moments need (with two, slcp's validation loss was 0.28 nats worse)."""
-
-    def __init__(self, draws: tuple[int, int], hidden: int = 64, out_features: int = 32):
-        super().__init__()
-        self.draws = tuple(draws)
-        f = self.draws[1]
-        self.phi = nn.Sequential(nn.Linear(f, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden))
-        self.rho = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_features))
-        self.out_features = out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.rho(self.phi(x).mean(-2))
-
-
 class KinematicsEmbedding(nn.Module):
     r"""Line-of-sight stellar kinematics ``[n, 3]`` = (R, v, mask) of a pressure-supported galaxy.
 
@@ -356,8 +294,6 @@ def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Modu
         return CNNEmbedding(shape, circular=kind == "cnn-circular", **kwargs)
     if kind in ("power", "log-power"):
         return PowerSpectrumEmbedding(shape, log_field=kind == "log-power", **kwargs)
-    if _split(kind)[0] == "exchangeable":
-        return ExchangeableEmbedding(draw_shape(kind, shape), **kwargs)
     if kind == "deepset":
         if len(shape) != 2:
             raise SbipipeError(f"the deepset embedding needs [n, features + mask] observations, got {list(shape)}")
@@ -369,12 +305,9 @@ def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Modu
 
 def statistics_shape(kind: str, x_shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of the mean and scale that standardise observations before embedding ``kind``:
-    per feature (vectors), per column (sets), per number of a draw (exchangeable draws) or one number
-    (images and fields)."""
+    per feature (vectors), per column (sets) or one number (images and fields)."""
     if kind in ("identity", "mlp"):
         return tuple(x_shape)
-    if _split(kind)[0] == "exchangeable":
-        return (draw_shape(kind, x_shape)[1],)
     if kind == "deepset":
         return (int(x_shape[-1]),)
     return ()
@@ -386,10 +319,7 @@ def observation_statistics(kind: str, x: Tensor) -> tuple[Tensor, Tensor]:
     per column over real set members for ``deepset`` (the mask column passes through), none
     (0 and 1) for ``log-power``, which needs δ itself, else as :func:`statistics_shape` says."""
     x = x.double()
-    if _split(kind)[0] == "exchangeable":
-        draws = x.reshape(len(x), *draw_shape(kind, x.shape[1:]))
-        mean, std = draws.mean((0, 1)), draws.std((0, 1))
-    elif kind == "deepset":
+    if kind == "deepset":
         mask = x[..., -1:]
         n = mask.sum((0, 1)).clamp_min(1)
         mean = (x * mask).sum((0, 1)) / n
@@ -420,8 +350,6 @@ def fit_observation_statistics(owner: nn.Module, x: Tensor) -> None:
 def embed_observations(owner: nn.Module, x: Tensor) -> Tensor:
     """``owner.embedding`` of standardised observations ``x [B, ...]``: ``[B, E]`` (the padding rows
     of sets stay exactly zero)."""
-    if isinstance(owner.embedding, ExchangeableEmbedding):
-        x = x.reshape(*x.shape[:1], *owner.embedding.draws)
     z = (x - owner.x_mean) / owner.x_std
     if owner.embedding_kind == "deepset":
         z = z * z[..., -1:]

@@ -19,14 +19,14 @@ from .atomic import atomic_path
 from .bank import SimulationBank
 from .errors import SbipipeError
 from .estimators import FLOWS, prior_bounds
-from .nets import auto_embedding, check_embedding, single_thread
+from .nets import EMBEDDINGS, SINGLE_THREAD_EMBEDDINGS, auto_embedding
 from .posterior import ESTIMATORS, SUPPORTS, Posterior, build_member
 from .registry import get_simulator
 from .simulator import describe_distribution
 from .store import package_versions, write_model
 from .training import TensorData, TrainConfig, fit, resolve_device
 
-__all__ = ["default_batch_size", "default_max_epochs", "train_posterior"]
+__all__ = ["default_batch_size", "default_max_epochs", "shuffle_draws", "train_posterior"]
 
 IN_MEMORY_BYTES = 4 * 2**30  # banks larger than this are streamed from disk
 MIN_ROWS = 50
@@ -41,6 +41,16 @@ class BankStream:
     def batches(self, batch_size: int, generator: torch.Generator | None, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
         seed = int(torch.randint(0, 2**31, (1,), generator=generator)) if generator is not None else 0
         yield from self.bank.batches(batch_size, split=self.split, shuffle=generator is not None, seed=seed)
+
+
+def shuffle_draws(x: Tensor, draws: tuple[int, int]) -> Tensor:
+    """Observations ``x [B, n·F]`` (or ``[B, n, F]``) made of n exchangeable draws of F numbers, with
+    the draws of each row in a random order (torch's global RNG). Training on these teaches the
+    estimator that the order carries no information, as if the bank were n! times larger."""
+    n, f = draws
+    b = x.shape[0]
+    order = torch.rand(b, n, device=x.device).argsort(-1)
+    return x.reshape(b, n, f).gather(1, order.unsqueeze(-1).expand(b, n, f)).reshape(x.shape)
 
 
 #: (batches per epoch, rows of the training set per optimiser step) of the engine's first schedule,
@@ -113,6 +123,7 @@ def train_posterior(
     embedding: str = "auto",
     ensemble: int | None = None,
     support: str = "map",
+    augment: bool | None = None,
     max_epochs: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
@@ -132,12 +143,15 @@ def train_posterior(
     KL divergence up to a constant), trains it on and the other ensemble members as it; the card
     records every candidate's loss. ``support`` says how θ meets a bounded prior: ``"map"`` into its
     box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`; README, "Bounded
-    priors", says why the map is the default)."""
+    priors", says why the map is the default). ``augment`` shuffles the order of the observation's
+    exchangeable draws in every training batch (:func:`shuffle_draws`); by default it is on when the
+    simulator declares ``exchangeable_draws``."""
     if estimator not in ESTIMATORS and estimator != "auto":
         raise SbipipeError(f"unknown estimator {estimator!r}; choose auto or one of {', '.join(ESTIMATORS)}")
     if support not in SUPPORTS:
         raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
-    check_embedding(embedding)
+    if embedding not in EMBEDDINGS:
+        raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
     if ensemble is not None and ensemble < 1:
         raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
     dev = resolve_device(device)
@@ -146,6 +160,16 @@ def train_posterior(
         raise SbipipeError(f"{str(bank_path)!r} holds {bank.rows} rows; train on at least {MIN_ROWS} (simulate more)")
     sim = get_simulator(bank.simulator_name)
     ensemble = ensemble or int(getattr(sim, "ensemble", 1))
+    draws = getattr(sim, "exchangeable_draws", None)
+    if augment and draws is None:
+        raise SbipipeError(f"{bank.simulator_name} declares no exchangeable draws (exchangeable_draws), so there is "
+                           "nothing to shuffle; leave --augment out")
+    if draws is not None and math.prod(draws) != math.prod(bank.x_shape):
+        raise SbipipeError(f"{bank.simulator_name} declares {draws[0]} exchangeable draws of {draws[1]} numbers, but its "
+                           f"observations have shape {list(bank.x_shape)}; fix exchangeable_draws")
+    draws = tuple(draws) if draws is not None and augment is not False else None
+    # the shuffled batches train; validation keeps the bank's order
+    loss = (lambda m, theta, x: m.loss(theta, shuffle_draws(x, draws) if m.training else x)) if draws else None
     if str(sim.version) != bank.simulator_version:
         raise SbipipeError(
             f"{str(bank_path)!r} was simulated with {bank.simulator_name} v{bank.simulator_version} but the simulator "
@@ -175,7 +199,7 @@ def train_posterior(
     max_epochs = max_epochs or default_max_epochs(n_train, batch_size, STEP_FACTOR.get(estimator, 1), per_step)
     config = TrainConfig(**{
         "max_epochs": max_epochs, "batch_size": batch_size, "device": str(dev), "seed": seed,
-        "threads": 1 if single_thread(kind) else None,
+        "threads": 1 if kind in SINGLE_THREAD_EMBEDDINGS else None,
         **({"patience": max_epochs} if estimator in STEP_FACTOR else {}),
     })
     card: dict[str, Any] = {
@@ -199,6 +223,7 @@ def train_posterior(
             "train_rows": n_train,
             "streamed": stream,
             "device": str(dev),
+            "shuffled_draws": list(draws) if draws else None,
         },
         "packages": package_versions(),
     }
@@ -234,7 +259,7 @@ def train_posterior(
         tag = label(candidate) if len(candidates) > 1 and k == 0 else k
         report = (lambda row: progress(tag, row)) if progress else None
         history = fit(member, train, val, cfg, checkpoint=ckpt_dir / f"{stem}.pt", resume=resume or going_on,
-                      progress=report, until=until)
+                      progress=report, loss=loss, until=until)
         if until is None:
             with atomic_path(done) as tmp:
                 save_file({n: t.detach().cpu().contiguous() for n, t in member.state_dict().items()}, str(tmp))

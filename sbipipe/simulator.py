@@ -13,6 +13,11 @@ physics changes; it is part of every cache key), ``parameter_labels``, ``paramet
 ``check_theta``. A simulator with a tractable likelihood also defines
 ``log_likelihood(theta, x) -> [B]``.
 
+Optional hints that training reads: ``embedding`` (the name of a preferred embedding network),
+``ensemble`` (how many estimators to train by default) and ``exchangeable_draws = (n, F)``: the
+observation is n draws of F numbers each, i.i.d. given θ, so their order carries no information
+and training shuffles it in every batch.
+
 Objects that do not subclass :class:`Simulator` are wrapped by :func:`as_simulator`.
 """
 

@@ -98,8 +98,8 @@ class SLCP(_BoxPrior):
     parameter_names = tuple(f"theta{i + 1}" for i in range(5))
     low, high = -3.0, 3.0
     n_draws = 4
-    #: x is four 2-D draws, i.i.d. given θ: a permutation-invariant embedding of them (see sbipipe.nets)
-    embedding = "exchangeable:4"
+    #: x is four 2-D draws, i.i.d. given θ: training shuffles their order (sbipipe.npe.shuffle_draws)
+    exchangeable_draws = (n_draws, 2)
     #: the likelihood and the prior are unchanged by θ3 → −θ3 and by θ4 → −θ4 (only θ3², θ4² enter),
     #: so the posterior has four mirror-image modes; reference samplers use this to mix them exactly
     sign_symmetries = (2, 3)

@@ -8,14 +8,9 @@ import torch
 from sbipipe.errors import SbipipeError
 from sbipipe.nets import (
     EMBEDDINGS,
-    ExchangeableEmbedding,
     KinematicsEmbedding,
     PowerSpectrumEmbedding,
     build_embedding,
-    check_embedding,
-    embed_observations,
-    fit_observation_statistics,
-    statistics_shape,
 )
 from simulators.cosmology import CosmoGaussian, CosmoLognormal, binned_power
 
@@ -38,7 +33,7 @@ def test_power_embedding_bins_equal_binned_power():
 
 def test_every_embedding_builds_for_its_shapes():
     shapes = {"identity": (5,), "mlp": (100,), "cnn": (32, 32), "cnn-circular": (32, 32), "power": (32, 32),
-              "log-power": (32, 32), "exchangeable": (6, 2), "deepset": (50, 3), "kinematics": (50, 3)}
+              "log-power": (32, 32), "deepset": (50, 3), "kinematics": (50, 3)}
     assert set(shapes) == set(EMBEDDINGS) - {"auto"}
     for kind, shape in shapes.items():
         net = build_embedding(kind, shape)
@@ -121,36 +116,3 @@ def test_kinematics_profiles_padding_and_permutations():
     assert torch.allclose(emb(shuffled)[0], out[b], atol=1e-5)
     with pytest.raises(SbipipeError, match=r"needs \[n, 3\] star sets"):
         KinematicsEmbedding((50, 4))
-
-
-def test_exchangeable_embedding_ignores_the_order_of_the_draws():
-    """slcp's x is four 2-D draws: the embedding (standardisation included) is the same for every
-    order of them, differs when one draw changes, and is pooled per number of a draw."""
-    from simulators.benchmarks import SLCP
-
-    sim = SLCP()
-    assert sim.embedding == "exchangeable:4"
-    g = torch.Generator().manual_seed(0)
-    x = sim.simulate(sim.sample_prior(512, g), g)  # [512, 8]
-    owner = torch.nn.Module()
-    owner.embedding_kind, owner.embedding = sim.embedding, build_embedding(sim.embedding, (8,))
-    assert isinstance(owner.embedding, ExchangeableEmbedding) and owner.embedding.draws == (4, 2)
-    shape = statistics_shape(sim.embedding, (8,))
-    owner.register_buffer("x_mean", torch.zeros(shape))
-    owner.register_buffer("x_std", torch.ones(shape))
-    fit_observation_statistics(owner, x)
-    draws = x.reshape(-1, 2).double()
-    assert torch.allclose(owner.x_mean.double(), draws.mean(0), atol=1e-5)
-    assert torch.allclose(owner.x_std.double(), draws.std(0), rtol=1e-4)
-    e = embed_observations(owner, x[:8])
-    perm = torch.tensor([2, 0, 3, 1])
-    shuffled = x[:8].reshape(8, 4, 2)[:, perm].reshape(8, 8)
-    assert torch.allclose(embed_observations(owner, shuffled), e, atol=1e-6)
-    moved = x[:8].clone()
-    moved[:, 0] += 1.0
-    assert (embed_observations(owner, moved) - e).abs().amax(-1).min() > 1e-4
-    for bad in ("exchangeable:0", "deepset:4", "exchangeable:x", "nope"):
-        with pytest.raises(SbipipeError, match="unknown embedding"):
-            check_embedding(bad)
-    with pytest.raises(SbipipeError, match=r"exchangeable:3 embedding needs .* got shape \[8\]"):
-        build_embedding("exchangeable:3", (8,))
