@@ -52,12 +52,12 @@ class _MaskedAutoregressiveTransform(MaskedAutoregressiveTransform):
     def _second_group(self, c: Tensor | None, x: Tensor, y: Tensor) -> Tensor:
         """The second pass of a two-pass inverse: ``x`` is exact for the first group of features
         (``order == 0``); the network's last layer and the univariate maps run for the rest only."""
-        late = torch.nonzero(self.order > 0).squeeze(-1)
+        late = torch.nonzero(self.order > 0).squeeze(-1).to(y.device)  # ``order`` is not a buffer: it stays on CPU
         h = torch.cat(broadcast(x, c, ignore=1), dim=-1) if c is not None else x
         *hidden, last = self.hyper
         for layer in hidden:
             h = layer(h)
-        rows = (late.unsqueeze(-1) * self.total + torch.arange(self.total)).flatten()
+        rows = (late.unsqueeze(-1) * self.total + torch.arange(self.total, device=y.device)).flatten()
         phi = F.linear(h, (last.mask * last.weight)[rows], last.bias[rows]).unflatten(-1, (-1, self.total))
         x_late = self.univariate(*unpack(phi, self.shapes)).inv(y[..., late])
         return x.expand_as(y).index_copy(-1, late, x_late)
