@@ -166,6 +166,10 @@ def train_cmd(
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Shuffle the order of the observation's "
                                                     "exchangeable draws in every batch (default: on when the simulator "
                                                     "declares exchangeable_draws, as slcp does).")] = None,
+    symmetries: Annotated[Optional[bool], typer.Option("--symmetries/--no-symmetries", help="Average the flow over the "
+                                                       "simulator's declared parameter symmetries, so it models one "
+                                                       "mirror image (default: on when it declares any, as two_moons "
+                                                       "and slcp do).")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(help="Upper bound on epochs (early stopping ends sooner).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Default: 64 to 512 rows, about 16 batches per epoch for the "
                                                           "flows, 50 for score and flowmatch.")] = None,
@@ -179,7 +183,7 @@ def train_cmd(
 
     with epoch_progress(f"train {estimator}", ensemble) as report:
         post = train_posterior(bank, output, estimator=estimator, embedding=embedding, ensemble=ensemble,
-                               support=support, augment=augment, max_epochs=max_epochs, batch_size=batch_size, device=device,
+                               support=support, augment=augment, symmetries=symmetries, max_epochs=max_epochs, batch_size=batch_size, device=device,
                                resume=resume, seed=seed, progress=report)
     tr = post.card["training"]
     losses = ", ".join(f"{f['best_val_loss']:.4f} ({f['epochs']} epochs)" for f in tr["final"])

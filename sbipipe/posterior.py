@@ -67,7 +67,7 @@ def build_member(card: dict[str, Any]) -> ConditionalEstimator:
 
         return FlowMatchingPosterior(*args, **kwargs)
     if name in FLOWS:
-        return FlowPosterior(*args, flow=name, **kwargs)
+        return FlowPosterior(*args, flow=name, symmetries=arch.get("symmetries", ()), **kwargs)
     raise SbipipeError(f"unknown estimator {name!r} in the model card; this sbipipe knows {', '.join(ESTIMATORS)}")
 
 

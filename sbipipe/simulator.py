@@ -16,7 +16,11 @@ physics changes; it is part of every cache key), ``parameter_labels``, ``paramet
 Optional hints that training reads: ``embedding`` (the name of a preferred embedding network),
 ``ensemble`` (how many estimators to train by default) and ``exchangeable_draws = (n, F)``: the
 observation is n draws of F numbers each, i.i.d. given θ, so their order carries no information
-and training shuffles it in every batch.
+and training shuffles it in every batch; ``parameter_symmetries``: signed permutations
+``(permutation, signs)``, g(θ)_i = s_i θ_{π_i}, under which the likelihood and the prior are
+unchanged, and ``sign_symmetries``: indices whose sign flip is one (slcp's θ3, θ4). The flows then
+model one mirror image and average over the group (:func:`parameter_symmetries`; the reference
+sampler runs on a half-space for each sign symmetry).
 
 Objects that do not subclass :class:`Simulator` are wrapped by :func:`as_simulator`.
 """
@@ -37,7 +41,7 @@ from torch.distributions import Distribution
 from .errors import SbipipeError
 
 __all__ = ["Simulator", "as_simulator", "check_observation", "describe_distribution", "forked_rng", "has_likelihood",
-           "sample_prior"]
+           "parameter_symmetries", "sample_prior"]
 
 _GLOBAL_RNG_LOCK = threading.RLock()  # re-entrant: a seeded draw may nest another
 
@@ -51,6 +55,17 @@ def forked_rng(seed: int | None, devices: Sequence[torch.device] = ()) -> Iterat
         if seed is not None:
             torch.manual_seed(seed)
         yield
+
+
+def parameter_symmetries(simulator: Any) -> list[list[list[int]]]:
+    """The signed permutations ``(permutation, signs)`` of θ that a simulator declares leave its
+    likelihood and prior unchanged: its ``parameter_symmetries`` and a sign flip per index of its
+    ``sign_symmetries``."""
+    dim = len(simulator.parameter_names)
+    out = [[[int(i) for i in perm], [int(s) for s in signs]] for perm, signs in getattr(simulator, "parameter_symmetries", ())]
+    for i in getattr(simulator, "sign_symmetries", ()):
+        out.append([list(range(dim)), [-1 if j == int(i) else 1 for j in range(dim)]])
+    return out
 
 
 def _snake(name: str) -> str:

@@ -43,6 +43,9 @@ class TwoMoons(_BoxPrior):
     version = "1"
     parameter_names = ("theta1", "theta2")
     low, high = -1.0, 1.0
+    #: x depends on θ only through |θ1 + θ2| and θ2 − θ1, both unchanged by (θ1, θ2) → (−θ2, −θ1), as is
+    #: the prior: the posterior's two crescents are mirror images, and the flows model one of them
+    parameter_symmetries = (((1, 0), (-1, -1)),)
 
     def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n, dev = theta.shape[0], theta.device
@@ -101,7 +104,8 @@ class SLCP(_BoxPrior):
     #: x is four 2-D draws, i.i.d. given θ: training shuffles their order (sbipipe.npe.shuffle_draws)
     exchangeable_draws = (n_draws, 2)
     #: the likelihood and the prior are unchanged by θ3 → −θ3 and by θ4 → −θ4 (only θ3², θ4² enter),
-    #: so the posterior has four mirror-image modes; reference samplers use this to mix them exactly
+    #: so the posterior has four mirror-image modes; reference samplers use this to mix them exactly,
+    #: and the flows model one of them
     sign_symmetries = (2, 3)
 
     def _mean_cov(self, theta: Tensor) -> tuple[Tensor, Tensor]:

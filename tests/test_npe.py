@@ -163,7 +163,9 @@ def test_truncated_posterior_stays_in_the_prior_and_is_normalised(tmp_path, monk
     from sbipipe.validation import calibration_checks
 
     bank = simulate_bank("two_moons", tmp_path / "tm.h5", 2000, seed=3).path
-    post = train_posterior(bank, tmp_path / "m", estimator="nsf", support="truncate", max_epochs=3, seed=0)
+    # without the mirror symmetry: the observations below were chosen for this model's acceptance rates
+    post = train_posterior(bank, tmp_path / "m", estimator="nsf", support="truncate", max_epochs=3, seed=0,
+                           symmetries=False)
     assert post.truncated and post.card["architecture"]["support"] == "truncate" and "truncated" in repr(post)
     x = torch.tensor([[-0.9, 0.6], [-0.3, 0.1]])  # the first puts most of its mass beyond the box (measured A 0.30)
     acc = post.acceptance(x)
