@@ -14,6 +14,8 @@ from sbipipe.posterior import load_posterior
 from sbipipe.registry import get_simulator
 from sbipipe.simulator import parameter_symmetries
 
+from .conftest import assert_one_line_error, run_cli
+
 
 @pytest.mark.parametrize("name, order", [("two_moons", 2), ("slcp", 4)])
 def test_declared_symmetries_leave_likelihood_and_prior_unchanged(name, order):
@@ -87,6 +89,11 @@ def test_training_records_and_reloads_the_symmetries(tmp_path):
                         symmetries=True)
     with pytest.raises(SbipipeError, match="applies to the flows"):
         train_posterior(bank, tmp_path / "s", estimator="score", symmetries=True)
+    # the command line: --no-symmetries, and the one-line error where there are none
+    run_cli("train", bank, "-o", tmp_path / "c", "--estimator", "maf", "--max-epochs", "2", "--no-symmetries", check=True)
+    assert load_posterior(tmp_path / "c").card["architecture"]["symmetries"] == []
+    assert_one_line_error(run_cli("train", tmp_path / "gl.h5", "-o", tmp_path / "c2", "--symmetries"),
+                          "gaussian_linear declares no parameter symmetries")
 
 
 def test_a_symmetry_that_changes_the_prior_is_refused(tmp_path, monkeypatch):
