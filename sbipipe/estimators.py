@@ -248,7 +248,8 @@ class FlowPosterior(ConditionalEstimator):
         return theta
 
     def sample_and_log_prob(self, x: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        """Draws ``[M, n, D]`` and their log q ``[M, n]`` in one pass through the flow."""
+        """Draws ``[M, n, D]`` and their log q ``[M, n]`` in one pass through the flow (with
+        symmetries, a second pass evaluates the group average at the draws)."""
         if len(self.group_perms) > 1:
             theta = self.sample(x, n)
             return theta, self.log_prob(theta.transpose(0, 1), x).transpose(0, 1)
