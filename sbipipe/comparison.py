@@ -54,10 +54,10 @@ from .atomic import atomic_path
 from .bank import SimulationBank, simulate_bank, validation_mask
 from .errors import SbipipeError
 from .nets import (
-    EMBEDDINGS,
     SINGLE_THREAD_EMBEDDINGS,
     auto_embedding,
     build_embedding,
+    check_embedding,
     embed_observations,
     fit_observation_statistics,
     statistics_shape,
@@ -536,8 +536,7 @@ def train_comparison(
         raise SbipipeError(f"unknown comparison loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if loss == "evidence" and len(models) != 2:
         raise SbipipeError(f"the evidence-network loss compares exactly two models, got {len(models)}; use --loss ce")
-    if embedding not in EMBEDDINGS:
-        raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
+    check_embedding(embedding)
     if ensemble < 1:
         raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
     if n is not None and n < MIN_ROWS:

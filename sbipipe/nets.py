@@ -43,6 +43,7 @@ __all__ = [
     "SINGLE_THREAD_EMBEDDINGS",
     "auto_embedding",
     "build_embedding",
+    "check_embedding",
     "embed_observations",
     "fit_observation_statistics",
     "observation_statistics",
@@ -52,6 +53,13 @@ __all__ = [
 EMBEDDINGS = ("auto", "identity", "mlp", "cnn", "cnn-circular", "power", "log-power", "deepset", "kinematics")
 #: embeddings whose (small) networks train fastest on one CPU thread (measured on 2 cores)
 SINGLE_THREAD_EMBEDDINGS = frozenset({"identity", "mlp", "power", "log-power", "deepset", "kinematics"})
+
+
+def check_embedding(kind: str) -> str:
+    """``kind`` if it names an embedding (:data:`EMBEDDINGS`), else a one-line error."""
+    if kind not in EMBEDDINGS:
+        raise SbipipeError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)}")
+    return kind
 
 
 class IdentityEmbedding(nn.Module):
@@ -300,7 +308,8 @@ def build_embedding(kind: str, x_shape: Sequence[int], **kwargs: Any) -> nn.Modu
         return DeepSetEmbedding(shape, **kwargs)
     if kind == "kinematics":
         return KinematicsEmbedding(shape, **kwargs)
-    raise SbipipeError(f"unknown embedding {kind!r}; choose one of {', '.join(EMBEDDINGS)}")
+    check_embedding(kind)  # raises: not a known name
+    raise AssertionError(f"{kind} is in EMBEDDINGS but has no network")
 
 
 def statistics_shape(kind: str, x_shape: Sequence[int]) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from .atomic import atomic_path
 from .bank import SimulationBank
 from .errors import SbipipeError
 from .estimators import FLOWS, prior_bounds, symmetry_group
-from .nets import EMBEDDINGS, SINGLE_THREAD_EMBEDDINGS, auto_embedding
+from .nets import SINGLE_THREAD_EMBEDDINGS, auto_embedding, check_embedding
 from .posterior import ESTIMATORS, SUPPORTS, Posterior, build_member
 from .registry import get_simulator
 from .simulator import describe_distribution, forked_rng, parameter_symmetries
@@ -185,8 +185,7 @@ def train_posterior(
         raise SbipipeError(f"unknown estimator {estimator!r}; choose auto or one of {', '.join(ESTIMATORS)}")
     if support not in SUPPORTS:
         raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
-    if embedding not in EMBEDDINGS:
-        raise SbipipeError(f"unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
+    check_embedding(embedding)
     if ensemble is not None and ensemble < 1:
         raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
     dev = resolve_device(device)

@@ -116,3 +116,17 @@ def test_kinematics_profiles_padding_and_permutations():
     assert torch.allclose(emb(shuffled)[0], out[b], atol=1e-5)
     with pytest.raises(SbipipeError, match=r"needs \[n, 3\] star sets"):
         KinematicsEmbedding((50, 4))
+
+
+def test_an_unknown_embedding_is_one_clear_error(tmp_path):
+    from sbipipe.bank import simulate_bank
+    from sbipipe.comparison import train_comparison
+    from sbipipe.nets import build_embedding
+    from sbipipe.npe import train_posterior
+
+    bank = simulate_bank("two_moons", tmp_path / "tm.h5", 100, seed=0).path
+    for call in (lambda: train_posterior(bank, tmp_path / "m", embedding="nope"),
+                 lambda: train_comparison(["two_moons", "two_moons"], tmp_path / "c", n=100, embedding="nope"),
+                 lambda: build_embedding("nope", (2,))):
+        with pytest.raises(SbipipeError, match="unknown embedding 'nope'; choose one of auto, identity"):
+            call()
