@@ -171,7 +171,12 @@ class FlowPosterior(ConditionalEstimator):
     exact for a posterior that shares the symmetry. The flow q_f is trained on the parameters folded
     into a fundamental domain of G (:meth:`fold`), so it models one of the |G| mirror images (e.g.
     one of two_moons' two crescents); its draws are unfolded by a uniform random g (|det g| = 1).
-    If q_f leaks out of the domain the average is still a normalised density."""
+    If q_f leaks out of the domain the average is still a normalised density.
+
+    With a ``truncation`` box (``support="truncate"``: θ on the real line, the posterior truncated
+    to the prior's box, q_T = q / A(x) inside it) training maximises the truncated likelihood,
+    log q(θ | x) − log A(x), not log q(θ | x) alone: where a posterior reaches a bound, the latter
+    pulls the flow's mass inside at the price of its shape there (to first order; see :meth:`loss`)."""
 
     def __init__(
         self,
@@ -186,6 +191,7 @@ class FlowPosterior(ConditionalEstimator):
         passes: int | None = 2,
         activation: str = "relu",
         symmetries: Sequence[Sequence[Sequence[int]]] = (),
+        truncation: tuple[Tensor, Tensor] | None = None,
         **flow_kwargs: Any,
     ):
         if flow not in FLOWS:
@@ -201,6 +207,10 @@ class FlowPosterior(ConditionalEstimator):
         perms, signs = symmetry_group(symmetries, theta_dim)
         self.register_buffer("group_perms", perms, persistent=False)
         self.register_buffer("group_signs", signs, persistent=False)
+        # the prior's box of a truncated member (from the card, so not saved with the weights)
+        box = truncation if truncation is not None else (torch.empty(0), torch.empty(0))
+        self.register_buffer("box_lower", box[0].float(), persistent=False)
+        self.register_buffer("box_upper", box[1].float(), persistent=False)
 
     def _orbit(self, theta: Tensor) -> Tensor:
         """``theta [..., D]`` → its images ``[G, ..., D]`` under the symmetry group."""
@@ -222,10 +232,28 @@ class FlowPosterior(ConditionalEstimator):
         super().fit_standardization(self.fold(theta), x)
 
     def loss(self, theta: Tensor, x: Tensor) -> Tensor:
-        """Mean negative log density of the standardised unconstrained parameters (with symmetries:
-        of their images in the fundamental domain, which the flow q_f models)."""
+        r"""Mean negative log density of the standardised unconstrained parameters (with symmetries:
+        of their images in the fundamental domain, which the flow q_f models).
+
+        A truncated member in training also gets the gradient of the mass it puts inside the box,
+        A(x) ≈ 1 + log A(x) (the truncated likelihood's −log A(x), to first order):
+
+            ∇A(x) = ∫_box ∇q = −E_q[1_out(θ') ∇ log q(θ' | x)]   (E_q[∇ log q] = 0),
+
+        from one draw θ' ~ q(· | x) per row, made afresh every step. It lets the flow spend mass
+        outside the box instead of bending its shape to cram all mass in. The reported loss stays
+        −log q, an upper bound of the truncated −log q_T."""
         z, _ = self.standardize(self.fold(theta))
-        return -self.flow(self.context(x)).log_prob(z).mean()
+        if not (self.training and self.box_lower.numel() and torch.is_grad_enabled()):
+            return -self.flow(self.context(x)).log_prob(z).mean()
+        with torch.no_grad():
+            draws = self.flow(self.context(x)).sample()
+            theta_draws = draws * self.u_std + self.u_mean  # the real line: no support map
+            out = ((theta_draws < self.box_lower) | (theta_draws > self.box_upper)).any(-1).nonzero().squeeze(-1)
+        # the draws outside the box ride along in the same pass as the batch
+        lq = self.flow(self.context(torch.cat((x, x[out])))).log_prob(torch.cat((z, draws[out])))
+        outside = -lq[len(z):].sum() / len(z)  # its gradient is ∇A(x), averaged over the batch
+        return -lq[: len(z)].mean() + outside - outside.detach()
 
     def log_prob(self, theta: Tensor, x: Tensor) -> Tensor:
         """log q(θ | x) for ``theta [..., B, D]`` and ``x [B, ...]``: ``[..., B]`` (leading draw

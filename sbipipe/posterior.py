@@ -56,7 +56,9 @@ def build_member(card: dict[str, Any]) -> ConditionalEstimator:
     name, support = arch["estimator"], arch.get("support", "map")
     if support not in SUPPORTS:
         raise SbipipeError(f"unknown support {support!r} in the model card; this sbipipe knows {', '.join(SUPPORTS)}")
+    box = None
     if support == "truncate":  # θ on the real line; the posterior is truncated to the box afterwards
+        box = args[2:]
         args = (*args[:2], torch.full_like(args[2], -math.inf), torch.full_like(args[3], math.inf))
     if name == "score":
         from .score_posterior import ScorePosterior
@@ -67,7 +69,7 @@ def build_member(card: dict[str, Any]) -> ConditionalEstimator:
 
         return FlowMatchingPosterior(*args, **kwargs)
     if name in FLOWS:
-        return FlowPosterior(*args, flow=name, symmetries=arch.get("symmetries", ()), **kwargs)
+        return FlowPosterior(*args, flow=name, symmetries=arch.get("symmetries", ()), truncation=box, **kwargs)
     raise SbipipeError(f"unknown estimator {name!r} in the model card; this sbipipe knows {', '.join(ESTIMATORS)}")
 
 
