@@ -162,7 +162,8 @@ def train_cmd(
                                                          "simulator's preference, 2 for dwarf, else 1).")] = None,
     support: Annotated[str, typer.Option(help="How θ meets a bounded prior: map (through the prior's support "
                                               "transform) or truncate (the real line, truncated by "
-                                              "rejection; see README).")] = "map",
+                                              "rejection, trained with the gradient of the mass in the box; "
+                                              "see README).")] = "map",
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Shuffle the order of the observation's "
                                                     "exchangeable draws in every batch (default: on when the simulator "
                                                     "declares exchangeable_draws, as slcp does).")] = None,

@@ -147,6 +147,9 @@ PILOT_FRACTION = 0.05
 #: the MAF is the better model (gaussian_linear) it led by 0.18 (10⁴) and 0.35 nats (10³).
 AUTO_MARGIN = 0.1
 
+#: draws per validation observation that estimate A(x) when ``auto`` compares truncated candidates
+PILOT_ACCEPTANCE_DRAWS = 64
+
 
 def train_posterior(
     bank_path: str | os.PathLike,
@@ -228,12 +231,12 @@ def train_posterior(
         train, val = BankStream(bank, "train"), BankStream(bank, "val")
         n_train = len(bank.split_indices("train"))
         theta_fit, x_fit = next(iter(bank.batches(min(bank.rows, 100_000), split="train", seed=seed)))
-        theta_val = next(iter(bank.batches(min(bank.rows, 100_000), split="val", seed=seed)))[0]
+        theta_val, x_val = next(iter(bank.batches(min(bank.rows, 100_000), split="val", seed=seed)))
     else:
         theta_t, x_t = bank.load("train")
         theta_v, x_v = bank.load("val")
         train, val, n_train = TensorData(theta_t, x_t), TensorData(theta_v, x_v), len(theta_t)
-        theta_fit, x_fit, theta_val = theta_t[:100_000], x_t[:100_000], theta_v[:100_000]
+        theta_fit, x_fit, theta_val, x_val = theta_t[:100_000], x_t[:100_000], theta_v[:100_000], x_v[:100_000]
     lower, upper = prior_bounds(sim.prior, sim.dim)
     # "auto": the simulator's preferred embedding if it names one (e.g. the power spectrum of the
     # cosmology fields), else one chosen from the observation shape
@@ -315,19 +318,29 @@ def train_posterior(
                 history.to_csv(tmp, index=False)
         return member, history
 
-    def heldout_nll(member: Any, history: pd.DataFrame, epochs: int) -> float:
+    def heldout_nll(member: Any, history: pd.DataFrame, epochs: int, truncated: bool) -> float:
         """The best validation loss of the first ``epochs`` epochs as a negative log density of θ:
-        the loss is −log q_z(z), and log q(θ) = log q_z(z) + log |dz/dθ| (truncated: without −log A(x);
-        with parameter symmetries: of θ folded, i.e. −log q(θ) − log |G| where the flow does not leak)."""
+        the loss is −log q_z(z), and log q(θ) = log q_z(z) + log |dz/dθ| (with parameter symmetries:
+        of θ folded, i.e. −log q(θ) − log |G| where the flow does not leak). Truncated, it is the
+        density the posterior uses, −log q_T = −log q + log A(x), with A(x) from
+        :data:`PILOT_ACCEPTANCE_DRAWS` draws for each of (up to 2,000) validation observations: a
+        truncated flow trains to leave mass outside the box, which −log q alone would count against it."""
         with torch.no_grad():
             log_dz_dtheta = float(member.standardize(theta_val.to(member.u_mean.device))[1].mean())
-        return float(history["val_loss"][:epochs].min()) - log_dz_dtheta
+            nll = float(history["val_loss"][:epochs].min()) - log_dz_dtheta
+            if truncated:
+                member.eval()
+                with forked_rng(seed, [dev] if dev.type == "cuda" else []):  # the same draws on a resumed run
+                    draws = member.sample(x_val[:2000].to(member.u_mean.device), PILOT_ACCEPTANCE_DRAWS)
+                inside = ((draws >= lower.to(draws)) & (draws <= upper.to(draws))).all(-1).double().mean(-1)
+                nll += float(inside.clamp_min(1 / PILOT_ACCEPTANCE_DRAWS).log().mean())
+        return nll
 
     t0 = time.perf_counter()
     if len(candidates) > 1:
         pilot = max(5, math.ceil(PILOT_FRACTION * max_epochs))
         # a resumed run may find the kept candidate's checkpoint past the pilot: judge its first epochs
-        losses = {c: heldout_nll(*train_member(c, 0, until=pilot), pilot) for c in candidates}
+        losses = {c: heldout_nll(*train_member(c, 0, until=pilot), pilot, c[1] == "truncate") for c in candidates}
         # the first candidate (the NSF) unless another leads it by more than AUTO_MARGIN nats
         chosen = min(candidates, key=lambda c: losses[c] + (AUTO_MARGIN if c != candidates[0] else 0.0))
         card["training"]["selection"] = {

@@ -349,3 +349,21 @@ def test_truncated_member_trains_on_the_gradient_of_its_mass_in_the_box():
     z, _ = mapped.standardize(torch.zeros(5, 2))
     assert torch.equal(mapped.loss(torch.zeros(5, 2), x1.expand(5, 1)),
                        -mapped.flow(mapped.context(x1.expand(5, 1))).log_prob(z).mean())
+
+
+def test_auto_judges_truncated_candidates_by_the_truncated_density(tmp_path):
+    """``auto`` with ``support="truncate"`` scores each pilot by −log q_T = −log q + log A(x): below
+    the plain held-out −log q of its best pilot epoch wherever the flow leaves mass outside the box."""
+    import pandas as pd
+
+    bank = simulate_bank("two_moons", tmp_path / "tm.h5", 2000, seed=3).path
+    post = train_posterior(bank, tmp_path / "m", support="truncate", max_epochs=5, seed=0)
+    selection = post.card["training"]["selection"]
+    chosen = selection["chosen"]
+    assert set(selection["val_loss"]) == {"nsf/truncate", "maf/truncate"}
+    history = pd.read_csv(tmp_path / "m" / "history.csv")
+    # θ on the real line: log |dz/dθ| = −Σ log s_u
+    plain = float(history["val_loss"][:5].min()) + float(torch.tensor(post.card["standardization"]["theta_unconstrained_std"]).log().sum())
+    acceptance = post.acceptance(torch.tensor([[-0.9, 0.6], [0.1, 0.3]]))
+    assert float(acceptance.min()) < 1
+    assert selection["val_loss"][chosen] < plain - 1e-3
