@@ -244,16 +244,20 @@ class FlowPosterior(ConditionalEstimator):
         outside the box instead of bending its shape to cram all mass in. The reported loss stays
         −log q, an upper bound of the truncated −log q_T."""
         z, _ = self.standardize(self.fold(theta))
+        context = self.context(x)
         if not (self.training and self.box_lower.numel() and torch.is_grad_enabled()):
-            return -self.flow(self.context(x)).log_prob(z).mean()
+            return -self.flow(context).log_prob(z).mean()
         with torch.no_grad():
-            draws = self.flow(self.context(x)).sample()
-            theta_draws = draws * self.u_std + self.u_mean  # the real line: no support map
-            out = ((theta_draws < self.box_lower) | (theta_draws > self.box_upper)).any(-1).nonzero().squeeze(-1)
+            draws = self.flow(context.detach()).sample()
+            out = (~self.inside(draws * self.u_std + self.u_mean)).nonzero().squeeze(-1)  # the real line: no map
         # the draws outside the box ride along in the same pass as the batch
-        lq = self.flow(self.context(torch.cat((x, x[out])))).log_prob(torch.cat((z, draws[out])))
+        lq = self.flow(torch.cat((context, context[out]))).log_prob(torch.cat((z, draws[out])))
         outside = -lq[len(z):].sum() / len(z)  # its gradient is ∇A(x), averaged over the batch
         return -lq[: len(z)].mean() + outside - outside.detach()
+
+    def inside(self, theta: Tensor) -> Tensor:
+        """Whether each of ``theta [..., D]`` lies in a truncated member's box: ``[...]``."""
+        return ((theta >= self.box_lower) & (theta <= self.box_upper)).all(-1)
 
     def log_prob(self, theta: Tensor, x: Tensor) -> Tensor:
         """log q(θ | x) for ``theta [..., B, D]`` and ``x [B, ...]``: ``[..., B]`` (leading draw

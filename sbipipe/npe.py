@@ -332,7 +332,7 @@ def train_posterior(
                 member.eval()
                 with forked_rng(seed, [dev] if dev.type == "cuda" else []):  # the same draws on a resumed run
                     draws = member.sample(x_val[:2000].to(member.u_mean.device), PILOT_ACCEPTANCE_DRAWS)
-                inside = ((draws >= lower.to(draws)) & (draws <= upper.to(draws))).all(-1).double().mean(-1)
+                inside = member.inside(draws).double().mean(-1)
                 nll += float(inside.clamp_min(1 / PILOT_ACCEPTANCE_DRAWS).log().mean())
         return nll
 
