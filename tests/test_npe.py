@@ -11,7 +11,7 @@ import torch
 
 from sbipipe import SbipipeError
 from sbipipe.bank import simulate_bank
-from sbipipe.estimators import SupportMap
+from sbipipe.estimators import FlowPosterior, SupportMap
 from sbipipe.npe import train_posterior
 from sbipipe.posterior import load_posterior
 from sbipipe.store import CARD, WEIGHTS
@@ -317,10 +317,6 @@ def test_truncated_member_trains_on_the_gradient_of_its_mass_in_the_box():
     prior's box) from one draw per row; averaged over 5·10⁴ rows it matches the gradient of A computed
     by quadrature on a 400² grid (A ≈ 0.14 for this untrained flow) to 10 %. A mapped member and a
     truncated one in evaluation mode have no such term."""
-    import math
-
-    from sbipipe.estimators import FlowPosterior
-
     torch.manual_seed(0)
     inf = torch.full((2,), math.inf)
     box = (torch.tensor([-0.5, -1.0]), torch.tensor([0.5, 0.3]))
