@@ -46,6 +46,10 @@ def prior_bounds(prior: torch.distributions.Distribution, dim: int) -> tuple[Ten
     return lo, hi
 
 
+#: draws per row and training step that estimate a truncated member's ∇log A(x) (see
+#: :meth:`FlowPosterior.loss`)
+TRUNCATION_DRAWS = 4
+
 #: the largest parameter-symmetry group a flow averages over (each element costs a flow evaluation)
 MAX_GROUP = 16
 
@@ -235,24 +239,29 @@ class FlowPosterior(ConditionalEstimator):
         r"""Mean negative log density of the standardised unconstrained parameters (with symmetries:
         of their images in the fundamental domain, which the flow q_f models).
 
-        A truncated member in training also gets the gradient of the mass it puts inside the box,
-        A(x) ≈ 1 + log A(x) (the truncated likelihood's −log A(x), to first order):
+        A truncated member in training gets the gradient of the truncated likelihood's −log q_T =
+        −log q + log A(x), where A(x) is the flow's mass inside the box:
 
-            ∇A(x) = ∫_box ∇q = −E_q[1_out(θ') ∇ log q(θ' | x)]   (E_q[∇ log q] = 0),
+            ∇log A(x) = −E_q[1_out(θ') ∇log q(θ' | x)] / A(x)   (E_q[∇log q] = 0).
 
-        from one draw θ' ~ q(· | x) per row, made afresh every step. It lets the flow spend mass
-        outside the box instead of bending its shape to cram all mass in. The reported loss stays
-        −log q, an upper bound of the truncated −log q_T."""
+        For the first B/K rows of the (shuffled) batch, :data:`TRUNCATION_DRAWS` = K fresh draws
+        θ'_1..K ~ q(· | x) each are made every step (B draws in all, whatever K), and the ones outside
+        the box before the row's first inside draw enter −Σ log q(θ'). Their number is geometric, so
+        the sum's expected gradient is ∇log A · (1 − (1 − A)^K): exact up to that factor, where K = 1
+        gives only ∇A. It lets the flow spend mass outside the box instead of
+        bending its shape to cram all mass in. The reported loss stays −log q, an upper bound of −log q_T."""
         z, _ = self.standardize(self.fold(theta))
         context = self.context(x)
         if not (self.training and self.box_lower.numel() and torch.is_grad_enabled()):
             return -self.flow(context).log_prob(z).mean()
+        m = -(-len(z) // TRUNCATION_DRAWS)
         with torch.no_grad():
-            draws = self.flow(context.detach()).sample()
-            out = (~self.inside(draws * self.u_std + self.u_mean)).nonzero().squeeze(-1)  # the real line: no map
+            draws = self.flow(context[:m].detach()).sample((TRUNCATION_DRAWS,))  # [K, m, D]
+            out = ~self.inside(draws * self.u_std + self.u_mean)  # the real line: no map
+            k, rows = out.cumprod(0).nonzero(as_tuple=True)  # outside, before the row's first inside draw
         # the draws outside the box ride along in the same pass as the batch
-        lq = self.flow(torch.cat((context, context[out]))).log_prob(torch.cat((z, draws[out])))
-        outside = -lq[len(z):].sum() / len(z)  # its gradient is ∇A(x), averaged over the batch
+        lq = self.flow(torch.cat((context, context[rows]))).log_prob(torch.cat((z, draws[k, rows])))
+        outside = -lq[len(z):].sum() / m  # its gradient: ∇log A(x) (1 − (1 − A)^K), averaged over the m rows
         return -lq[: len(z)].mean() + outside - outside.detach()
 
     def inside(self, theta: Tensor) -> Tensor:
