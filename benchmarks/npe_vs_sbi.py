@@ -1,14 +1,16 @@
 """This project's NPE engine vs sbi 0.27's ``NPE`` (defaults) on SBI-benchmark tasks, same banks.
 
     python benchmarks/npe_vs_sbi.py [--tasks two_moons,gaussian_linear,slcp] [--budgets 1000,10000,100000]
-                                    [--methods ours,sbi,score,flowmatch,truncate,flat,sbi-exchangeable]
+                                    [--methods ours,sbi,score,flowmatch,map,truncate,flat,sbi-exchangeable]
                                     [--observations 5]
                                     [--workdir /tmp/sbipipe-npe-vs-sbi] [--threads N] [--seed S]
 
-Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by validation loss); ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
+Methods: ``ours`` — this engine's default (``estimator="auto"``: NSF or MAF by validation loss; the
+simulator's preferred support, truncation for two_moons); ``sbi`` — sbi's ``NPE`` (MAF); ``score`` and
 ``flowmatch`` — this engine's score-based (NPSE) and flow-matching (FMPE) estimators
-(``train_posterior(..., estimator=...)`` at their defaults); ``truncate`` — the default with θ on
-the real line truncated to the prior's box (``support="truncate"``) instead of mapped into it; ``flat``
+(``train_posterior(..., estimator=...)`` at their defaults); ``map`` and ``truncate`` — the default
+with θ mapped into the prior's box (``support="map"``) or on the real line truncated to it
+(``support="truncate"``); ``flat``
 — the default without shuffling the order of the simulator's exchangeable draws in training
 (``augment=False``; slcp's x is four i.i.d. 2-D draws); ``sbi-exchangeable`` — sbi's ``NPE`` told
 of the same structure its own way, a ``PermutationInvariantEmbedding`` (mean of a three-layer 64-unit
@@ -63,13 +65,14 @@ from sbipipe.simulator import forked_rng
 
 TASKS = ("two_moons", "gaussian_linear", "slcp")
 BUDGETS = (1_000, 10_000, 100_000)
-METHODS = ("ours", "sbi", "score", "flowmatch", "truncate", "flat", "sbi-exchangeable")
+METHODS = ("ours", "sbi", "score", "flowmatch", "map", "truncate", "flat", "sbi-exchangeable")
 #: this engine's methods: ``train_posterior`` options
 OPTIONS: dict[str, dict[str, Any]] = {
     "ours": {"estimator": "auto"}, "score": {"estimator": "score"}, "flowmatch": {"estimator": "flowmatch"},
-    "truncate": {"estimator": "auto", "support": "truncate"}, "flat": {"estimator": "auto", "augment": False},
+    "map": {"estimator": "auto", "support": "map"}, "truncate": {"estimator": "auto", "support": "truncate"},
+    "flat": {"estimator": "auto", "augment": False},
 }
-LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "truncate": "truncate",
+LABEL = {"ours": "auto", "sbi": "sbi", "score": "score", "flowmatch": "flowmatch", "map": "map", "truncate": "truncate",
          "flat": "flat", "sbi-exchangeable": "sbi exch."}
 SAMPLE_SEED = 10_000  # posterior draws for observation j use SAMPLE_SEED + j (references use j)
 N_SAMPLES = 10_000

@@ -160,10 +160,11 @@ def train_cmd(
     embedding: Annotated[str, typer.Option(help="auto, identity, mlp, cnn, cnn-circular, power, log-power, deepset or kinematics.")] = "auto",
     ensemble: Annotated[Optional[int], typer.Option(help="Number of estimators combined as a mixture (default: the "
                                                          "simulator's preference, 2 for dwarf, else 1).")] = None,
-    support: Annotated[str, typer.Option(help="How θ meets a bounded prior: map (through the prior's support "
-                                              "transform) or truncate (the real line, truncated by "
-                                              "rejection, trained with the gradient of the mass in the box; "
-                                              "see README).")] = "map",
+    support: Annotated[Optional[str], typer.Option(help="How θ meets a bounded prior: map (through the prior's "
+                                                        "support transform) or truncate (the real line, truncated "
+                                                        "by rejection, trained with the gradient of log A(x), the "
+                                                        "log mass in the box). Default: the simulator's preference "
+                                                        "(truncate for two_moons), else map; see README.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Shuffle the order of the observation's "
                                                     "exchangeable draws in every batch (default: on when the simulator "
                                                     "declares exchangeable_draws, as slcp does).")] = None,

@@ -153,7 +153,7 @@ def train_posterior(
     estimator: str = "auto",
     embedding: str = "auto",
     ensemble: int | None = None,
-    support: str = "map",
+    support: str | None = None,
     augment: bool | None = None,
     symmetries: bool | None = None,
     max_epochs: int | None = None,
@@ -175,16 +175,14 @@ def train_posterior(
     negative log density of θ (an estimate of the expected KL divergence up to a constant), trains it
     on (a truncated one afresh) and the other ensemble members as it; the card records every
     candidate's loss. ``support`` says how θ meets a bounded prior: ``"map"`` into its
-    box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`; README, "Bounded
-    priors", says why the map is the default). ``augment`` shuffles the order of the observation's
+    box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`); by default the
+    simulator's ``support`` attribute if it has one, else the map (README, "Bounded priors", says why). ``augment`` shuffles the order of the observation's
     exchangeable draws in every training batch (:func:`shuffle_draws`); by default it is on when the
     simulator declares ``exchangeable_draws``. ``symmetries`` makes the flows average over the
     simulator's declared parameter symmetries (:func:`sbipipe.simulator.parameter_symmetries`,
     :class:`sbipipe.estimators.FlowPosterior`); by default it is on when there are any."""
     if estimator not in ESTIMATORS and estimator != "auto":
         raise SbipipeError(f"unknown estimator {estimator!r}; choose auto or one of {', '.join(ESTIMATORS)}")
-    if support not in SUPPORTS:
-        raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     check_embedding(embedding)
     if ensemble is not None and ensemble < 1:
         raise SbipipeError(f"--ensemble must be at least 1, got {ensemble}")
@@ -194,6 +192,9 @@ def train_posterior(
         raise SbipipeError(f"{str(bank_path)!r} holds {bank.rows} rows; train on at least {MIN_ROWS} (simulate more)")
     sim = get_simulator(bank.simulator_name)
     ensemble = ensemble or int(getattr(sim, "ensemble", 1))
+    support = support or getattr(sim, "support", "map")
+    if support not in SUPPORTS:
+        raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     draws = getattr(sim, "exchangeable_draws", None)
     if augment and draws is None:
         raise SbipipeError(f"{bank.simulator_name} declares no exchangeable draws (exchangeable_draws), so there is "

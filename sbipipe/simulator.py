@@ -14,7 +14,8 @@ physics changes; it is part of every cache key), ``parameter_labels``, ``paramet
 ``log_likelihood(theta, x) -> [B]``.
 
 Optional hints that training reads: ``embedding`` (the name of a preferred embedding network),
-``ensemble`` (how many estimators to train by default) and ``exchangeable_draws = (n, F)``: the
+``ensemble`` (how many estimators to train by default), ``support`` (``"map"`` or ``"truncate"``:
+how a bounded prior's box is kept by default) and ``exchangeable_draws = (n, F)``: the
 observation is n draws of F numbers each, i.i.d. given θ, so their order carries no information
 and training shuffles it in every batch; ``parameter_symmetries``: signed permutations
 ``(permutation, signs)``, g(θ)_i = s_i θ_{π_i}, under which the likelihood and the prior are

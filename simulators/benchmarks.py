@@ -46,6 +46,10 @@ class TwoMoons(_BoxPrior):
     #: x depends on θ only through |θ1 + θ2| and θ2 − θ1, both unchanged by (θ1, θ2) → (−θ2, −θ1), as is
     #: the prior: the posterior's two crescents are mirror images, and the flows model one of them
     parameter_symmetries = (((1, 0), (-1, -1)),)
+    #: preferred support: truncation. The posterior is a thin crescent that reaches the box's edge for
+    #: θ near ±1, where the logit map would warp it; truncated, it scored C2ST 0.530 and 0.599 at 10⁴
+    #: and 10³ simulations against 0.579 and 0.641 mapped (README, "Bounded priors")
+    support = "truncate"
 
     def simulate(self, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
         n, dev = theta.shape[0], theta.device

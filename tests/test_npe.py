@@ -121,13 +121,16 @@ def test_support_map_round_trip_and_jacobian():
 def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
     bank = simulate_bank("two_moons", tmp_path / "tm.h5", 3000, seed=1).path
     out = tmp_path / "m"
-    first = train_posterior(bank, out, max_epochs=4, seed=0)
-    samples = first.sample(torch.tensor([[0.9, 0.9], [-0.9, 0.2]]), 20_000, seed=0)
-    assert samples.abs().max() <= 1.0  # U[-1, 1]² support
-    # an interrupted training resumes from its last epoch checkpoint instead of restarting; auto
+    for support in ("map", "truncate"):  # truncate: two_moons' own preference
+        first = train_posterior(bank, out / support, max_epochs=4, seed=0, support=support)
+        assert first.card["architecture"]["support"] == support
+        samples = first.sample(torch.tensor([[0.9, 0.9], [-0.9, 0.2]]), 20_000, seed=0)
+        assert samples.abs().max() <= 1.0  # U[-1, 1]² support
+    assert train_posterior(bank, out / "default", max_epochs=1, seed=0).card["architecture"]["support"] == "truncate"
+    # an interrupted (mapped) training resumes from its last epoch checkpoint instead of restarting; auto
     # runs both candidates for the 5-epoch pilot, then continues the kept one to its 12 epochs
     uninterrupted = []
-    whole = train_posterior(bank, tmp_path / "u", max_epochs=12, seed=0,
+    whole = train_posterior(bank, tmp_path / "u", max_epochs=12, seed=0, support="map",
                             progress=lambda k, row: uninterrupted.append((k, row["epoch"])))
     kept = whole.card["training"]["selection"]["chosen"]
     assert whole.card["training"]["selection"]["pilot_epochs"] == 5 and whole.card["architecture"]["support"] == "map"
@@ -146,9 +149,9 @@ def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
 
         out = tmp_path / f"r_{stop[0]}_{stop[1]}"
         with pytest.raises(KeyboardInterrupt):
-            train_posterior(bank, out, max_epochs=12, seed=0, progress=interrupt)
+            train_posterior(bank, out, max_epochs=12, seed=0, support="map", progress=interrupt)
         resumed = []
-        post = train_posterior(bank, out, max_epochs=12, seed=0, resume=True,
+        post = train_posterior(bank, out, max_epochs=12, seed=0, support="map", resume=True,
                                progress=lambda k, row: resumed.append((k, row["epoch"])))
         assert calls + resumed == uninterrupted, (stop, calls, resumed)
         assert post.card["training"]["selection"] == whole.card["training"]["selection"]
@@ -366,3 +369,19 @@ def test_auto_chooses_the_flow_of_a_truncated_model_by_mapped_pilots(tmp_path):
     assert post.card["architecture"]["support"] == "truncate" and post.truncated
     assert tags[10:] == [(f"{flow}/truncate", e) for e in range(1, 8)]
     assert len(pd.read_csv(tmp_path / "m" / "history.csv")) == 7
+    # interrupted after the pilots, it resumes the truncated member, not the mapped pilot
+    calls = []
+
+    def interrupt(k, row):
+        calls.append((k, row["epoch"]))
+        if (k, row["epoch"]) == (f"{flow}/truncate", 3):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_posterior(bank, tmp_path / "r", support="truncate", max_epochs=7, seed=0, progress=interrupt)
+    resumed = train_posterior(bank, tmp_path / "r", support="truncate", max_epochs=7, seed=0, resume=True,
+                              progress=lambda k, row: calls.append((k, row["epoch"])))
+    assert calls == tags and resumed.card["training"]["selection"] == selection
+    theta = torch.rand(20, 2) * 2 - 1
+    assert torch.allclose(resumed.log_prob(theta, torch.tensor([0.1, 0.2]), normalize=False),
+                          post.log_prob(theta, torch.tensor([0.1, 0.2]), normalize=False), atol=1e-4)
