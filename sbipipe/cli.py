@@ -163,7 +163,7 @@ def train_cmd(
     support: Annotated[Optional[str], typer.Option(help="How θ meets a bounded prior: map (through the prior's "
                                                         "support transform) or truncate (the real line, truncated "
                                                         "by rejection, trained with the gradient of log A(x), the "
-                                                        "log mass in the box). Default: the simulator's preference "
+                                                        "log mass in the box). Default for the flows: the simulator's preference "
                                                         "(truncate for two_moons), else map; see README.")] = None,
     augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Shuffle the order of the observation's "
                                                     "exchangeable draws in every batch (default: on when the simulator "

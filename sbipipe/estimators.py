@@ -28,7 +28,7 @@ from .autoregressive import MAF, NSF
 from .errors import SbipipeError
 from .nets import auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
 
-__all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "prior_bounds", "symmetry_group"]
+__all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "inside_box", "prior_bounds", "symmetry_group"]
 
 FLOWS = {"nsf": NSF, "maf": MAF, "naf": zuko.flows.NAF}
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # hidden units of the flows' networks
@@ -44,6 +44,11 @@ def prior_bounds(prior: torch.distributions.Distribution, dim: int) -> tuple[Ten
     lo = torch.as_tensor(lo, dtype=torch.float64).expand(dim).clone()
     hi = torch.as_tensor(hi, dtype=torch.float64).expand(dim).clone()
     return lo, hi
+
+
+def inside_box(theta: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """Whether each of ``theta [..., D]`` lies in the box [lower, upper]: ``[...]``."""
+    return ((theta >= lower) & (theta <= upper)).all(-1)
 
 
 #: draws per row and training step that estimate a truncated member's ∇log A(x) (see
@@ -266,7 +271,7 @@ class FlowPosterior(ConditionalEstimator):
 
     def inside(self, theta: Tensor) -> Tensor:
         """Whether each of ``theta [..., D]`` lies in a truncated member's box: ``[...]``."""
-        return ((theta >= self.box_lower) & (theta <= self.box_upper)).all(-1)
+        return inside_box(theta, self.box_lower, self.box_upper)
 
     def log_prob(self, theta: Tensor, x: Tensor) -> Tensor:
         """log q(θ | x) for ``theta [..., B, D]`` and ``x [B, ...]``: ``[..., B]`` (leading draw

@@ -175,8 +175,9 @@ def train_posterior(
     negative log density of θ (an estimate of the expected KL divergence up to a constant), trains it
     on (a truncated one afresh) and the other ensemble members as it; the card records every
     candidate's loss. ``support`` says how θ meets a bounded prior: ``"map"`` into its
-    box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`); by default the
-    simulator's ``support`` attribute if it has one, else the map (README, "Bounded priors", says why). ``augment`` shuffles the order of the observation's
+    box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`); by default, for the
+    flows, the simulator's ``support`` attribute if it has one, else the map (README, "Bounded
+    priors", says why). ``augment`` shuffles the order of the observation's
     exchangeable draws in every training batch (:func:`shuffle_draws`); by default it is on when the
     simulator declares ``exchangeable_draws``. ``symmetries`` makes the flows average over the
     simulator's declared parameter symmetries (:func:`sbipipe.simulator.parameter_symmetries`,
@@ -192,8 +193,7 @@ def train_posterior(
         raise SbipipeError(f"{str(bank_path)!r} holds {bank.rows} rows; train on at least {MIN_ROWS} (simulate more)")
     sim = get_simulator(bank.simulator_name)
     ensemble = ensemble or int(getattr(sim, "ensemble", 1))
-    support = support or getattr(sim, "support", "map")
-    if support not in SUPPORTS:
+    if support is not None and support not in SUPPORTS:
         raise SbipipeError(f"unknown support {support!r}; choose one of {', '.join(SUPPORTS)}")
     draws = getattr(sim, "exchangeable_draws", None)
     if augment and draws is None:
@@ -205,6 +205,10 @@ def train_posterior(
     draws = tuple(draws) if draws is not None and augment is not False else None
     declared = parameter_symmetries(sim)
     is_flow = estimator == "auto" or estimator in FLOWS
+    support = support or (getattr(sim, "support", "map") if is_flow else "map")  # measured for the flows
+    if support not in SUPPORTS:
+        raise SbipipeError(f"{bank.simulator_name} prefers support {support!r}, which is not one of "
+                           f"{', '.join(SUPPORTS)}; fix its support attribute or pass --support")
     if symmetries and not declared:
         raise SbipipeError(f"{bank.simulator_name} declares no parameter symmetries (parameter_symmetries or "
                            "sign_symmetries), so there is nothing to average over; leave --symmetries out")
@@ -291,6 +295,8 @@ def train_posterior(
         arch_kw, train_kw = ESTIMATOR_DEFAULTS.get(name, ({}, {}))
         if name in FLOW_STEP_SHARE and not epochs_given:
             train_kw = {**train_kw, "max_epochs": default_max_epochs(n_train, batch_size, FLOW_STEP_SHARE[name], per_step)}
+        if sup == "truncate":  # no early stopping: its validation −log q is not the loss it trains on
+            train_kw = {**train_kw, "patience": train_kw.get("max_epochs", config.max_epochs)}
         arch = {**card["architecture"], "estimator": name, "support": sup, "flow_kwargs": {**arch_kw, **flow_kwargs}}
         return arch, TrainConfig(**{**config.__dict__, **train_kw, **(train_options or {})})
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import SbipipeError
-from .estimators import FLOWS, ConditionalEstimator, FlowPosterior
+from .estimators import FLOWS, ConditionalEstimator, FlowPosterior, inside_box
 from .simulator import check_observation, forked_rng
 from .store import read_card, read_weights
 from .training import resolve_device
@@ -104,7 +104,7 @@ class Posterior:
         bounds = self.card["prior_bounds"]
         lo = torch.tensor(bounds["lower"], dtype=theta.dtype, device=theta.device)
         hi = torch.tensor(bounds["upper"], dtype=theta.dtype, device=theta.device)
-        return ((theta >= lo) & (theta <= hi)).all(-1)
+        return inside_box(theta, lo, hi)
 
     def _mixture_draws(self, obs: Tensor, n: int, with_log_prob: bool) -> tuple[Tensor, Tensor | None]:
         """``n`` untruncated draws ``[M, n, D]`` for each of ``obs``, with their log q if asked (in the

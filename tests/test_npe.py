@@ -211,6 +211,10 @@ def test_truncated_posterior_stays_in_the_prior_and_is_normalised(tmp_path, monk
     assert checks["rows"] and np.isfinite(checks["coverage"][1]).all()
     with pytest.raises(SbipipeError, match="unknown support 'box'"):
         train_posterior(bank, tmp_path / "b", support="box")
+    monkeypatch.setattr(type(get_simulator("two_moons")), "support", "box")
+    with pytest.raises(SbipipeError, match="two_moons prefers support 'box'.*fix its support attribute or pass --support"):
+        train_posterior(bank, tmp_path / "b")
+    monkeypatch.undo()
     # an observation whose posterior lies (almost) all outside the prior is refused, not sampled forever
     import sbipipe.posterior as posterior_module
 
