@@ -253,8 +253,8 @@ class FlowPosterior(ConditionalEstimator):
         θ'_1..K ~ q(· | x) each are made every step (B draws in all, whatever K), and the ones outside
         the box before the row's first inside draw enter −Σ log q(θ'). Their number is geometric, so
         the sum's expected gradient is ∇log A · (1 − (1 − A)^K): exact up to that factor, where K = 1
-        gives only ∇A. It lets the flow spend mass outside the box instead of
-        bending its shape to cram all mass in. The reported loss stays −log q, an upper bound of −log q_T."""
+        gives only ∇A. It lets the flow spend mass outside the box instead of bending its shape to
+        cram all mass in. The reported loss stays −log q, an upper bound of −log q_T."""
         z, _ = self.standardize(self.fold(theta))
         context = self.context(x)
         if not (self.training and self.box_lower.numel() and torch.is_grad_enabled()):
