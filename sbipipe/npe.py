@@ -233,12 +233,12 @@ def train_posterior(
         train, val = BankStream(bank, "train"), BankStream(bank, "val")
         n_train = len(bank.split_indices("train"))
         theta_fit, x_fit = next(iter(bank.batches(min(bank.rows, 100_000), split="train", seed=seed)))
-        theta_val, x_val = next(iter(bank.batches(min(bank.rows, 100_000), split="val", seed=seed)))
+        theta_val = next(iter(bank.batches(min(bank.rows, 100_000), split="val", seed=seed)))[0]
     else:
         theta_t, x_t = bank.load("train")
         theta_v, x_v = bank.load("val")
         train, val, n_train = TensorData(theta_t, x_t), TensorData(theta_v, x_v), len(theta_t)
-        theta_fit, x_fit, theta_val, x_val = theta_t[:100_000], x_t[:100_000], theta_v[:100_000], x_v[:100_000]
+        theta_fit, x_fit, theta_val = theta_t[:100_000], x_t[:100_000], theta_v[:100_000]
     lower, upper = prior_bounds(sim.prior, sim.dim)
     # "auto": the simulator's preferred embedding if it names one (e.g. the power spectrum of the
     # cosmology fields), else one chosen from the observation shape
