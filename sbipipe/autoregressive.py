@@ -4,11 +4,11 @@ with the same arguments, modules and state dicts, faster to sample from.
 Inverting an autoregressive transform takes ``passes`` evaluations of its network. The first
 reads x = 0 in every row, so for one observation it outputs the same parameters for all N draws:
 here it runs on one row per context and its spline or affine map is broadcast over the draws
-(:class:`AutoregressiveTransform`). With coupling layers (``passes=2``) the first pass already
-inverts the first group of features exactly (they depend on nothing), so the second computes the
-network's last layer and the univariate maps for the second group only. The result is unchanged;
-of the network and spline work of drawing samples, over half goes. The NSF also uses the leaner
-spline of :mod:`sbipipe.spline`.
+(:class:`AutoregressiveTransform`). With coupling layers (``passes=2``) each pass inverts only its
+own group of features: the first group depends on nothing, the second on the first only, so each
+pass computes the network's last layer and the univariate maps for its group alone. The result is
+unchanged; of the network and spline work of drawing samples, over half goes. The NSF also uses
+the leaner spline of :mod:`sbipipe.spline`.
 """
 
 from __future__ import annotations
@@ -30,37 +30,38 @@ __all__ = ["MAF", "NSF", "AutoregressiveTransform"]
 
 class AutoregressiveTransform(zuko.transforms.AutoregressiveTransform):
     """:class:`zuko.transforms.AutoregressiveTransform` whose first inverse pass runs once per context,
-    and whose second (and last, with coupling layers) inverts only the features still unknown."""
+    and whose two passes with coupling layers each invert only their own group of features."""
 
-    def __init__(self, meta: Any, passes: int, last_pass: Any = None, **kwargs: Any):
+    def __init__(self, meta: Any, passes: int, invert_group: Any = None, **kwargs: Any):
         super().__init__(meta, passes, **kwargs)
-        self.last_pass = last_pass
+        self.invert_group = invert_group
 
     def _inverse(self, y: Tensor) -> Tensor:
-        x = self.meta(y.new_zeros((1,) * (y.ndim - 1) + y.shape[-1:])).inv(y)  # the same for every draw
-        if self.passes == 2 and self.last_pass is not None:
-            return self.last_pass(x, y)
-        for _ in range(self.passes - 1):
+        x = y.new_zeros((1,) * (y.ndim - 1) + y.shape[-1:])  # the first pass: the same for every draw
+        if self.passes == 2 and self.invert_group is not None:
+            return self.invert_group(self.invert_group(x, y, 0), y, 1)
+        for _ in range(self.passes):
             x = self.meta(x).inv(y)
         return x
 
 
 class _MaskedAutoregressiveTransform(MaskedAutoregressiveTransform):
     def forward(self, c: Tensor | None = None) -> AutoregressiveTransform:
-        return AutoregressiveTransform(partial(self.meta, c), self.passes, partial(self._second_group, c))
+        return AutoregressiveTransform(partial(self.meta, c), self.passes, partial(self._invert_group, c))
 
-    def _second_group(self, c: Tensor | None, x: Tensor, y: Tensor) -> Tensor:
-        """The second pass of a two-pass inverse: ``x`` is exact for the first group of features
-        (``order == 0``); the network's last layer and the univariate maps run for the rest only."""
-        late = torch.nonzero(self.order > 0).squeeze(-1).to(y.device)  # ``order`` is not a buffer: it stays on CPU
+    def _invert_group(self, c: Tensor | None, x: Tensor, y: Tensor, group: int) -> Tensor:
+        """One pass of a two-pass (coupling) inverse: ``x`` is exact for the features of the groups
+        before ``group`` (``order``), and the network's last layer and the univariate maps run for
+        the features of ``group`` only. ``x = 0`` of shape ``[1, ..., 1, D]`` runs once per context."""
+        features = torch.nonzero(self.order == group).squeeze(-1).to(y.device)  # ``order`` stays on CPU
         h = torch.cat(broadcast(x, c, ignore=1), dim=-1) if c is not None else x
         *hidden, last = self.hyper
         for layer in hidden:
             h = layer(h)
-        rows = (late.unsqueeze(-1) * self.total + torch.arange(self.total, device=y.device)).flatten()
+        rows = (features.unsqueeze(-1) * self.total + torch.arange(self.total, device=y.device)).flatten()
         phi = F.linear(h, (last.mask * last.weight)[rows], last.bias[rows]).unflatten(-1, (-1, self.total))
-        x_late = self.univariate(*unpack(phi, self.shapes)).inv(y[..., late])
-        return x.expand_as(y).index_copy(-1, late, x_late)
+        x_group = self.univariate(*unpack(phi, self.shapes)).inv(y[..., features])
+        return x.expand_as(y).index_copy(-1, features, x_group)
 
 
 class MAF(zuko.flows.MAF):
