@@ -65,8 +65,8 @@ def test_flows_are_zukos_with_the_same_state_dict_densities_and_draws(name):
     g = torch.Generator().manual_seed(3)
     theta, x = torch.randn(64, 3, generator=g), torch.randn(64, 4, generator=g)
     torch.testing.assert_close(ours(x).log_prob(theta), theirs(x).log_prob(theta), rtol=0, atol=1e-4)
-    # draws: the first inverse pass runs once per context and is broadcast over the draws; the second
-    # inverts only the second group of features (here 1 of 3)
+    # draws: the first inverse pass runs once per context and is broadcast over the draws; each of the
+    # two passes inverts only its own group of features (here 2 and 1 of 3)
     for context, shape in ((x[:1], (500, 1, 3)), (x[:5], (100, 5, 3)), (x, (64, 3))):
         z = torch.randn(shape, generator=g)
         ours_inv, theirs_inv = ours(context).transform.inv(z), theirs(context).transform.inv(z)
