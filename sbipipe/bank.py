@@ -166,6 +166,12 @@ class SimulationBank:
         val = validation_mask(rows, val_fraction)
         return rows[val] if split == "val" else rows[~val]
 
+    def parameters(self, split: str | None = None, val_fraction: float = 0.1) -> Tensor:
+        """θ of the whole bank (or one split), without reading the observations."""
+        with self._open() as f:
+            theta = torch.from_numpy(f["theta"][:])
+        return theta if split is None else theta[torch.from_numpy(self.split_indices(split, val_fraction))]
+
     def load(self, split: str | None = None, val_fraction: float = 0.1) -> tuple[Tensor, Tensor]:
         """The whole bank (or one split) in memory."""
         theta, x = self.read()

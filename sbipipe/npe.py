@@ -235,7 +235,7 @@ def train_posterior(
         train, val = BankStream(bank, "train"), BankStream(bank, "val")
         n_train = len(bank.split_indices("train"))
         theta_fit, x_fit = next(iter(bank.batches(min(bank.rows, 100_000), split="train", seed=seed)))
-        theta_val = next(iter(bank.batches(min(bank.rows, 100_000), split="val", seed=seed)))[0]
+        theta_val = bank.parameters("val")[:100_000]  # θ only: the observations may be large
     else:
         theta_t, x_t = bank.load("train")
         theta_v, x_v = bank.load("val")

@@ -138,6 +138,9 @@ def test_streamed_batches_cover_each_split_once(tmp_path):
     assert torch.equal(first, again) and not torch.equal(first, other)
     theta_tr, _ = bank.load("train")
     assert torch.equal(theta_tr, theta_all[bank.split_indices("train")])
+    # θ alone, without reading the observations (the streamed training's validation Jacobian)
+    assert torch.equal(bank.parameters("train"), theta_tr) and torch.equal(bank.parameters(), theta_all)
+    assert torch.equal(bank.parameters("val"), theta_all[bank.split_indices("val")])
 
 
 def test_split_is_stable_when_a_bank_grows():
