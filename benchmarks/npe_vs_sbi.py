@@ -34,7 +34,8 @@ makes its own validation split, ours use the bank's split). Metrics:
 * training wall time (ours: ``train_posterior``, incl. writing the model; sbi: ``append_simulations``
   + ``train``), and their ratio; ``results.json`` also keeps the CPU seconds (``train_cpu_s``),
   which a machine busy with other work distorts less;
-* time to draw 10⁴ samples for one observation (best of 3 after a warm-up).
+* time to draw 10⁴ samples for one observation (best of 3 after a warm-up), in a process that keeps
+  freed memory for reuse (``sbipipe.allocator``), as ``sbipipe sample`` and the service do.
 
 Everything is cached in the work folder (banks, observations, references, trained models and a
 ``results.json`` per task/budget/method/observation), so an interrupted run continues where it
@@ -59,6 +60,7 @@ import numpy as np
 import torch
 
 from sbipipe import get_simulator
+from sbipipe.allocator import retain_freed_memory
 from sbipipe.bank import SimulationBank, simulate_bank
 from sbipipe.c2st import c2st
 from sbipipe.simulator import forked_rng
@@ -464,6 +466,7 @@ def main() -> None:
         ap.error("--observations must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the CLI and the service do; sbi samples in the same process
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     results = Results(workdir / "results.json")

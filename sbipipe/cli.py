@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .allocator import retain_freed_memory
 from .errors import SbipipeError
 
 try:  # recent typer vendors click; older releases use click itself
@@ -305,6 +306,7 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for bad input, 2 for usage, 130 on Ctrl-C."""
+    retain_freed_memory()
     try:
         code = app(args=argv, standalone_mode=False)  # click returns a command's typer.Exit code here
         if isinstance(code, int) and code:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from .allocator import retain_freed_memory
 from .observations import load_model_observation, read_truth
 from .posterior import Posterior, load_posterior
 from .store import CARD
@@ -25,7 +26,9 @@ _LOCK = threading.Lock()
 
 
 def cached_posterior(model_dir: str | os.PathLike, device: str = "cpu") -> Posterior:
-    """``load_posterior`` once per model directory and card version (the last 8 are kept)."""
+    """``load_posterior`` once per model directory and card version (the last 8 are kept). The
+    process keeps freed memory for reuse (:func:`sbipipe.allocator.retain_freed_memory`)."""
+    retain_freed_memory()
     model_dir = Path(model_dir).resolve()
     try:
         key = (str(model_dir), (model_dir / CARD).stat().st_mtime, device)
