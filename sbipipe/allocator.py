@@ -5,7 +5,7 @@ PyTorch on CPU allocates each intermediate tensor with ``malloc``. glibc serves 
 gives the top of its heap back to the system once more than twice that is free; every page of the
 next such block is then faulted in and zeroed again. Drawing 10⁴ samples from a flow allocates tens
 of ``[10⁴, 64]`` tensors: about 3,000–5,000 page faults per call here, 13–14 % of its time with two
-threads (README, "Speed"). With blocks of up to 32 MiB taken from the heap and up to 128 MiB of free
+threads (README, "Benchmarks"). With blocks of up to 32 MiB taken from the heap and up to 128 MiB of free
 heap kept, the faults stop after the first call. The cost is resident memory that stays at its
 peak, as with the allocators PyTorch recommends for CPU inference (jemalloc, tcmalloc); a
 process-wide setting, so the command line and the service's posterior cache set it, not the library.
