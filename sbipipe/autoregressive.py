@@ -22,7 +22,7 @@ import zuko
 from torch import Tensor, nn
 from torch.nn import functional as F
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
-from zuko.utils import unpack
+from zuko.utils import broadcast, unpack
 
 from .spline import RationalQuadraticSpline
 
@@ -58,12 +58,15 @@ class _MaskedAutoregressiveTransform(MaskedAutoregressiveTransform):
         before ``group`` (``order``), and the network's last layer and the univariate maps run for
         the features of ``group`` only. ``x = 0`` of shape ``[1, ..., 1, D]`` runs once per context."""
         features = torch.nonzero(self.order == group).squeeze(-1).to(y.device)  # ``order`` stays on CPU
-        first, *hidden, last = self.hyper
-        # the first layer's context columns act on c alone, once per context rather than per draw
-        w = first.mask * first.weight
-        h = F.linear(x, w[:, : x.shape[-1]])
-        bias = F.linear(c, w[:, x.shape[-1]:], first.bias) if c is not None else first.bias
-        h = h.add_(bias) if h.shape == torch.broadcast_shapes(h.shape, bias.shape) else h + bias
+        *hidden, last = self.hyper
+        if hidden:  # the first layer's context columns act on c alone, once per context, not per draw
+            first, *hidden = hidden
+            w = first.mask * first.weight
+            h = F.linear(x, w[:, : x.shape[-1]])
+            bias = F.linear(c, w[:, x.shape[-1]:], first.bias) if c is not None else first.bias
+            h = h.add_(bias) if h.shape == torch.broadcast_shapes(h.shape, bias.shape) else h + bias
+        else:  # no hidden layer: the last one reads x and c
+            h = torch.cat(broadcast(x, c, ignore=1), dim=-1) if c is not None else x
         for layer in hidden:  # activations in place: each [N, hidden] tensor is written once
             in_place = IN_PLACE.get(type(layer))
             h = in_place(h) if in_place else layer(h)

@@ -75,3 +75,10 @@ def test_flows_are_zukos_with_the_same_state_dict_densities_and_draws(name):
         torch.testing.assert_close(ours(context).transform(ours_inv), z, rtol=0, atol=1e-4)
     draws, log_q = ours(x[:2]).rsample_and_log_prob((50,))
     torch.testing.assert_close(log_q, theirs(x[:2]).log_prob(draws), rtol=0, atol=1e-4)
+    # a network without hidden layers: the last layer reads x and the context itself
+    torch.manual_seed(1)
+    kwargs = {"transforms": 2, "hidden_features": (), "passes": 2}
+    ours, theirs = ours_cls(3, 4, **kwargs), theirs_cls(3, 4, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    z = torch.randn(20, 2, 3, generator=g)
+    torch.testing.assert_close(ours(x[:2]).transform.inv(z), theirs(x[:2]).transform.inv(z), rtol=0, atol=1e-4)
