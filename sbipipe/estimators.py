@@ -249,25 +249,47 @@ class FlowPosterior(ConditionalEstimator):
 
             ∇log A(x) = −E_q[1_out(θ') ∇log q(θ' | x)] / A(x)   (E_q[∇log q] = 0).
 
-        For the first B/K rows of the (shuffled) batch, :data:`TRUNCATION_DRAWS` = K fresh draws
-        θ'_1..K ~ q(· | x) each are made every step (B draws in all, whatever K), and the ones outside
-        the box before the row's first inside draw enter −Σ log q(θ'). Their number is geometric, so
-        the sum's expected gradient is ∇log A · (1 − (1 − A)^K): exact up to that factor, where K = 1
-        gives only ∇A. It lets the flow spend mass outside the box instead of bending its shape to
-        cram all mass in. The reported loss stays −log q, an upper bound of −log q_T."""
+        Each step m = B/K rows get K = :data:`TRUNCATION_DRAWS` fresh draws θ'_1..K ~ q(· | x) each,
+        and the ones outside the box before the row's first inside draw enter −Σ log q(θ'). Their
+        number is geometric, so the sum's expected gradient is ∇log A · (1 − (1 − A)^K): exact up
+        to that factor, where K = 1 gives only ∇A. It lets the flow spend mass outside the box
+        instead of bending its shape to cram all mass in. The reported loss stays −log q, an upper
+        bound of −log q_T.
+
+        The draws are made for all B rows of a batch at once, every K steps (:meth:`_outside_draws`):
+        on CPU a pass through the flow costs mostly per-operation overhead, so one pass for B rows
+        costs little more than one for B/K. Rows drawn at one step serve the next K − 1 with
+        parameters at most K − 1 optimiser steps old; any training row is a valid x for E_x[∇log A].
+        The pool is emptied when the module enters training mode, i.e. every epoch, so a resumed
+        training repeats an uninterrupted one.
+        """
         z, _ = self.standardize(self.fold(theta))
-        context = self.context(x)
         if not (self.training and self.box_lower.numel() and torch.is_grad_enabled()):
-            return -self.flow(context).log_prob(z).mean()
+            return -self.flow(self.context(x)).log_prob(z).mean()
         m = -(-len(z) // TRUNCATION_DRAWS)
-        with torch.no_grad():
-            draws = self.flow(context[:m].detach()).sample((TRUNCATION_DRAWS,))  # [K, m, D]
-            out = ~self.inside(draws * self.u_std + self.u_mean)  # the real line: no map
-            k, rows = out.cumprod(0).nonzero(as_tuple=True)  # outside, before the row's first inside draw
+        draws, x_out = self._outside_draws(x, m)
         # the draws outside the box ride along in the same pass as the batch
-        lq = self.flow(torch.cat((context, context[rows]))).log_prob(torch.cat((z, draws[k, rows])))
+        lq = self.flow(self.context(torch.cat((x, x_out)))).log_prob(torch.cat((z, draws)))
         outside = -lq[len(z):].sum() / m  # its gradient: ∇log A(x) (1 − (1 − A)^K), averaged over the m rows
         return -lq[: len(z)].mean() + outside - outside.detach()
+
+    @torch.no_grad()
+    def _outside_draws(self, x: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """For m rows, the standardised draws outside the box before each row's first inside draw
+        ``[R, D]`` and their rows of x ``[R, ...]``, from the pool of draws (refilled from the
+        batch ``x`` when it holds fewer than m rows)."""
+        pool = self.__dict__.get("_pool")
+        if pool is None or len(pool[2]) < m:
+            draws = self.flow(self.context(x)).sample((TRUNCATION_DRAWS,))  # [K, B, D]
+            pool = (~self.inside(draws * self.u_std + self.u_mean), draws, x)  # the real line: no map
+        out, draws, rows_x = pool[0][:, :m], pool[1][:, :m], pool[2][:m]
+        self.__dict__["_pool"] = (pool[0][:, m:], pool[1][:, m:], pool[2][m:])
+        k, rows = out.cumprod(0).nonzero(as_tuple=True)  # outside, before the row's first inside draw
+        return draws[k, rows], rows_x[rows]
+
+    def train(self, mode: bool = True) -> FlowPosterior:
+        self.__dict__.pop("_pool", None)  # a new epoch (or evaluation) starts with fresh draws
+        return super().train(mode)
 
     def inside(self, theta: Tensor) -> Tensor:
         """Whether each of ``theta [..., D]`` lies in a truncated member's box: ``[...]``."""

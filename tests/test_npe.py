@@ -357,6 +357,32 @@ def test_truncated_member_trains_on_the_gradient_of_its_log_mass_in_the_box(monk
                        -mapped.flow(mapped.context(x1.expand(5, 1))).log_prob(z).mean())
 
 
+def test_truncated_member_draws_for_k_steps_at_once_and_afresh_each_epoch(monkeypatch):
+    """The draws for ∇log A are made for a whole batch every K = TRUNCATION_DRAWS steps (one flow
+    pass instead of K), each step taking the next B/K rows; entering training mode (every epoch)
+    or evaluation empties the pool."""
+    torch.manual_seed(0)
+    inf = torch.full((2,), math.inf)
+    box = (torch.tensor([-0.5, -1.0]), torch.tensor([0.5, 0.3]))
+    member = FlowPosterior(2, (1,), -inf, inf, truncation=box, transforms=2).train()
+    passes = []
+    sample = type(member.flow(torch.ones(1, 1))).sample
+    monkeypatch.setattr(type(member.flow(torch.ones(1, 1))), "sample",
+                        lambda self, shape=(): passes.append(shape) or sample(self, shape))
+    theta, x = torch.zeros(40, 2), torch.linspace(0, 1, 40).unsqueeze(-1)
+    left = []
+    for _ in range(2 * estimators.TRUNCATION_DRAWS + 1):
+        member.loss(theta, x).backward()
+        left.append(len(member.__dict__["_pool"][2]))
+    assert passes == [(estimators.TRUNCATION_DRAWS,)] * 3
+    assert left == [30, 20, 10, 0, 30, 20, 10, 0, 30]
+    member.train()
+    assert "_pool" not in member.__dict__
+    member.loss(theta, x)
+    member.eval()
+    assert "_pool" not in member.__dict__
+
+
 def test_auto_chooses_the_flow_of_a_truncated_model_by_mapped_pilots(tmp_path):
     """``auto`` with ``support="truncate"`` pilots the candidate flows mapped (a truncated pilot's
     density hinges on the mass it has yet put outside the box), then trains the kept flow truncated
