@@ -92,7 +92,7 @@ class _MaskedAutoregressiveTransform(MaskedAutoregressiveTransform):
                 h0.append(act(layer.bias.clone()))
             else:
                 h0.append(act(F.linear(h0[-1], w[:, d:] if len(h0) == 1 else w, layer.bias)))
-        phi = _ctx_linear(h0[-1], weights[-1], layers[-1].bias, plan.rows[0], plan.b[-1] if len(layers) > 1 else plan.b[0])
+        phi = _ctx_linear(h0[-1], weights[-1], layers[-1].bias, plan.rows[0], plan.b[-1])  # the first group reads B units only
         x_first = self._univariate(phi, y[..., plan.groups[0]])
         # second pass, per draw: the A units only
         h = x_first

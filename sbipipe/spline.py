@@ -6,7 +6,7 @@ parameterisation and same values, with fewer tensor operations: widths and heigh
 softsign/exp/cumsum, only each point's bin is normalised and squashed, and the bin search compares
 with the K − 1 interior knots only. On CPU a small flow's step is
 dominated by per-operation overhead, so this matters: an NSF training step (512 rows, 5 transforms)
-costs 0.65–0.77× zuko's (``benchmarks/flow_speed.py``). On ``[−B, B]`` the spline maps x to
+costs 0.67–0.78× zuko's (``benchmarks/flow_speed.py``). On ``[−B, B]`` the spline maps x to
 
     y = y_k + (y_{k+1} − y_k) [s ξ² + d_k ξ(1 − ξ)] / [s + (d_k + d_{k+1} − 2s) ξ(1 − ξ)],
 
