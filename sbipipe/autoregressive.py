@@ -23,7 +23,7 @@ import zuko
 from torch import Tensor, nn
 from torch.nn import functional as F
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
-from zuko.utils import broadcast, unpack
+from zuko.utils import unpack
 
 from .spline import RationalQuadraticSpline
 
