@@ -45,6 +45,7 @@ def _locate(v: Tensor, row: int, e: Tensor, cum: Tensor, raw: Tensor, c: float, 
     plus B and sizes ``[2, *, 1]`` (x0 + B, y0 + B; w, h), its end slopes ``d [*, 2]`` (d0, d1) and
     their logits' 1/(1 + c|r|/2). v is compared with the knots rescaled by the total (no table is
     scaled), and the comparisons counted by a product with ones (faster on CPU than a sum)."""
+    raw = F.pad(raw, (1, 1))  # the end slopes' logits are 0: slope 1 (padded before any broadcast)
     if cum.shape[1:-1] != v.shape:
         shape = torch.broadcast_shapes(cum.shape[1:-1], v.shape)
         lead = (1,) * (len(shape) + 2 - cum.ndim)  # the tables' missing leading dimensions
@@ -58,7 +59,7 @@ def _locate(v: Tensor, row: int, e: Tensor, cum: Tensor, raw: Tensor, c: float, 
     k = at[..., :1].expand(2, *at.shape[:-1], 1)
     size = e.gather(-1, k).mul_(scale)
     left = cum.gather(-1, k).mul_(scale).sub_(size)
-    r = F.pad(raw, (1, 1)).gather(-1, at)  # the end slopes' logits are 0: slope 1
+    r = raw.gather(-1, at)
     r_inv = r.abs().mul_(0.5 * c).add_(1).reciprocal_()
     return v, below, at, scale, left, size, (r * r_inv).exp_(), r_inv
 
