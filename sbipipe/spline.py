@@ -7,8 +7,11 @@ softsign/exp/cumsum, and only each point's bin is normalised and squashed. The f
 its log-Jacobian are one autograd function whose backward is written out (:class:`_SplineCall`):
 training records one node per spline instead of ~45, and the backward avoids what is slow on CPU
 (boolean masks in arithmetic, ``where`` on whole tables, gathers' scatter into zeroed tables). On
-CPU a small flow's step is dominated by per-operation overhead, so this matters: an NSF training
-step (512 rows, 5 transforms) costs 0.67–0.78× zuko's (``benchmarks/flow_speed.py``). On ``[−B, B]`` the spline maps x to
+CPU a small flow's step is dominated by per-operation overhead, so this matters. Where a C compiler
+is (:mod:`sbipipe.native`), the per-point work is one compiled loop instead
+(:class:`_CompiledSplineCall`): torch computes the knot tables, the loop the rest; an NSF training
+step (512 rows, 5 transforms) then costs 0.5–0.7× zuko's (``benchmarks/flow_speed.py``,
+``benchmarks/spline_paths.py``). On ``[−B, B]`` the spline maps x to
 
     y = y_k + h [s ξ² + d_k ξ(1 − ξ)] / [s + (d_k + d_{k+1} − 2s) ξ(1 − ξ)],
 
@@ -25,6 +28,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from zuko.transforms import MonotonicRQSTransform, Transform
+
+from .native import spline_library
 
 __all__ = ["RationalQuadraticSpline"]
 
@@ -123,6 +128,64 @@ class _SplineCall(torch.autograd.Function):
         return g_x.sum_to_size(x_shape), g_logits, g_raw[..., 1:-1].sum_to_size(raw_shape), None, None
 
 
+def _knot_tables(logits: Tensor, raw: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For the compiled spline: 1 + c|l| and the softmax numerators e = exp(l/(1 + c|l|)) of
+    ``logits [2, *, K]``, and 1 + c|r|/2 and the knot slopes d = exp(r/(1 + c|r|/2)) ``[*, K + 1]``
+    (r = 0 at both ends: slope 1), computed as whole tables (vectorised) for the C loop to read."""
+    soft = logits.abs().mul_(c).add_(1)
+    raw = F.pad(raw, (1, 1))
+    r_soft = raw.abs().mul_(0.5 * c).add_(1)
+    return soft, torch.div(logits, soft).exp_(), r_soft, torch.div(raw, r_soft).exp_()
+
+
+class _CompiledSplineCall(torch.autograd.Function):
+    """:class:`_SplineCall` with the per-point work in one compiled loop (``spline_kernel.c``):
+    torch computes the knot tables, the loop finds each point's bin and evaluates the spline, and
+    its backward (which recomputes the bins) returns the gradients with respect to the tables."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, logits: Tensor, raw: Tensor, c: float, bound: float, kernels: tuple) -> tuple[Tensor, Tensor]:
+        x = x.contiguous()
+        soft, e, r_soft, d = _knot_tables(logits.contiguous(), raw.contiguous(), c)
+        y, ladj = torch.empty_like(x), torch.empty_like(x)
+        bins = e.shape[-1]
+        kernels[0](x.data_ptr(), e.data_ptr(), d.data_ptr(), x.numel(), d.numel() // (bins + 1), bins, bound,
+                   y.data_ptr(), ladj.data_ptr())
+        ctx.save_for_backward(x, soft, e, r_soft, d)
+        ctx.bound, ctx.backward_kernel = bound, kernels[1]
+        return y, ladj
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor, gl: Tensor) -> tuple[Tensor | None, ...]:
+        x, soft, e, r_soft, d = ctx.saved_tensors
+        gy, gl = gy.contiguous(), gl.contiguous()
+        gx, g_e, g_d = torch.empty_like(x), torch.zeros_like(e), torch.zeros_like(d)
+        bins = e.shape[-1]
+        ctx.backward_kernel(x.data_ptr(), e.data_ptr(), d.data_ptr(), gy.data_ptr(), gl.data_ptr(), x.numel(),
+                            d.numel() // (bins + 1), bins, ctx.bound, gx.data_ptr(), g_e.data_ptr(), g_d.data_ptr())
+        # through the softsign and exp: de/dl = e/(1 + c|l|)², dd/dr = d/(1 + c|r|/2)²
+        return gx, g_e.mul_(e).div_(soft.square()), g_d.mul_(d).div_(r_soft.square())[..., 1:-1], None, None, None
+
+
+def _kernels(x: Tensor, logits: Tensor, raw: Tensor) -> tuple | None:
+    """The compiled spline for these tensors, or None where it does not apply: it takes CPU
+    tensors of one float dtype whose parameters' batch shape (leading ones aside) ends x's shape,
+    so that point i uses parameter row i mod P (training: one row per point; sampling: the rows of
+    one observation broadcast over the draws)."""
+    if x.device.type != "cpu" or not (x.dtype == logits.dtype == raw.dtype) or x.numel() == 0:
+        return None
+    bins = logits.shape[-1]
+    if raw.shape[-1] != bins - 1 or raw.shape[:-1] != logits.shape[1:-1]:
+        return None
+    rows = list(raw.shape[:-1])
+    while rows and rows[0] == 1:
+        rows.pop(0)
+    if len(rows) > x.ndim or list(x.shape[x.ndim - len(rows):]) != rows:
+        return None
+    return spline_library(x.dtype)
+
+
 class RationalQuadraticSpline(MonotonicRQSTransform):
     """Monotonic RQS on ``[-bound, bound]`` from unconstrained ``widths [*, K]``, ``heights [*, K]``
     and interior ``derivatives [*, K - 1]``; slopes are at least ``slope``.
@@ -148,9 +211,21 @@ class RationalQuadraticSpline(MonotonicRQSTransform):
         return self.call_and_ladj(x)[0]
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kernels = _kernels(x, self.logits, self.derivatives)
+        if kernels is not None:
+            return _CompiledSplineCall.apply(x, self.logits, self.derivatives, self.c, self.bound, kernels)
         return _SplineCall.apply(x, self.logits, self.derivatives, self.c, self.bound)
 
     def _inverse(self, y: Tensor) -> Tensor:
+        kernels = _kernels(y, self.logits, self.derivatives)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (y, self.logits, self.derivatives))
+        if kernels is not None and not needs_grad:  # drawing samples; reparameterised draws take the torch path
+            y = y.contiguous()
+            _, e, _, d = _knot_tables(self.logits.contiguous(), self.derivatives.contiguous(), self.c)
+            x = torch.empty_like(y)
+            kernels[2](y.data_ptr(), e.data_ptr(), d.data_ptr(), y.numel(), d.numel() // (self.bins + 1), self.bins,
+                       self.bound, x.data_ptr())
+            return x
         _, e, cum = _tables(self.logits, self.c)
         y, _, _, _, left, size, d, _ = _locate(y, 1, e, cum, self.derivatives, self.c, self.bound)
         x0, y0 = (left - self.bound).squeeze(-1).unbind(0)

@@ -1,14 +1,29 @@
 """The lean rational-quadratic spline and the faster-sampling MAF/NSF against zuko's (same
 parameterisation, same values, same state dicts)."""
 
+import shutil
+
 import torch
 import zuko
 from zuko.transforms import MonotonicRQSTransform
 
 import pytest
 
+import sbipipe.spline
 from sbipipe.autoregressive import MAF, NSF
+from sbipipe.native import spline_library
 from sbipipe.spline import RationalQuadraticSpline
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def spline_path(request, monkeypatch):
+    """Every test runs on both paths: the compiled C loop (where a compiler is) and the torch operations."""
+    if request.param == "torch":
+        monkeypatch.setattr(sbipipe.spline, "spline_library", lambda dtype: None)
+    elif spline_library(torch.float64) is None:
+        assert not shutil.which("cc"), "a C compiler is here but the compiled spline did not build"
+        pytest.skip("no C compiler: the spline runs as torch operations")
+    return request.param
 
 
 def _params(shape: tuple[int, ...], bins: int = 8, scale: float = 2.0) -> tuple[torch.Tensor, ...]:
@@ -43,6 +58,22 @@ def test_spline_gradients_stay_finite_outside_the_bound():
     params = [p.detach().requires_grad_() for p in params]
     RationalQuadraticSpline(*params).inv(x).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in params)
+
+
+def test_compiled_spline_takes_the_shapes_it_can_index_and_leaves_the_rest_to_torch(spline_path):
+    from sbipipe.spline import _kernels
+    params = [p.float() for p in _params((5, 3))]
+    spline = RationalQuadraticSpline(*params)
+    compiled = spline_path == "compiled"
+    for x_shape, expected in (((5, 3), compiled), ((7, 5, 3), compiled), ((3,), False), ((5, 1), False)):
+        assert (_kernels(torch.zeros(x_shape), spline.logits, spline.derivatives) is not None) == expected
+    assert _kernels(torch.zeros(5, 3, dtype=torch.float64), spline.logits, spline.derivatives) is None  # mixed dtypes
+    # the torch path broadcasts what the kernel cannot index: x [5, 1] against tables [5, 3]
+    x = torch.linspace(-4, 4, 5).unsqueeze(-1)
+    y, ladj = spline.call_and_ladj(x)
+    y_ref, ladj_ref = MonotonicRQSTransform(*params).call_and_ladj(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ladj, ladj_ref, rtol=0, atol=1e-5)
 
 
 def test_spline_broadcasts_leading_sample_dimensions():
