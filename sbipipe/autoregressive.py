@@ -25,12 +25,13 @@ from torch.nn import functional as F
 from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.utils import unpack
 
+from .activations import Tanh, tanh_
 from .spline import RationalQuadraticSpline
 
 __all__ = ["MAF", "NSF", "AutoregressiveTransform"]
 
 #: activations of the flows' networks that sampling applies in place
-IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_}
+IN_PLACE = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, Tanh: tanh_}
 
 
 class AutoregressiveTransform(zuko.transforms.AutoregressiveTransform):

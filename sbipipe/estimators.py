@@ -24,6 +24,7 @@ import zuko
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .activations import Tanh
 from .autoregressive import MAF, NSF
 from .errors import SbipipeError
 from .nets import auto_embedding, build_embedding, embed_observations, fit_observation_statistics, statistics_shape
@@ -31,7 +32,7 @@ from .nets import auto_embedding, build_embedding, embed_observations, fit_obser
 __all__ = ["FLOWS", "ConditionalEstimator", "FlowPosterior", "SupportMap", "inside_box", "prior_bounds", "symmetry_group"]
 
 FLOWS = {"nsf": NSF, "maf": MAF, "naf": zuko.flows.NAF}
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}  # hidden units of the flows' networks
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": Tanh, "elu": nn.ELU}  # hidden units of the flows' networks
 _EPS = 1e-6
 
 
