@@ -87,12 +87,14 @@ def default_batch_size(n_train: int, batches_per_epoch: int = FIRST_SCHEDULE[0])
 STEP_FACTOR = {"score": 3, "flowmatch": 3}
 
 #: a flow's share of the flows' step budget where it is not 1. The affine MAF, which ``auto`` keeps
-#: for close-to-Gaussian posteriors, converges in a quarter of it (25, 25 and 20 epochs at 10³, 10⁴
-#: and 10⁵ simulations): on gaussian_linear the MAF trained for 25 epochs at 10³, 20 or 30 at 10⁴ and
-#: 12 at 10⁵ scored C2ST 0.544, 0.513 or 0.511 and 0.504, against 0.542, 0.512 and 0.502 with the
-#: whole schedule (at 10³ and 10⁴ early stopping ended it after 67 epochs); at 10⁴ its validation
-#: loss was within 0.003 nats of its best by epoch 12.
-FLOW_STEP_SHARE = {"maf": 0.25}
+#: for close-to-Gaussian posteriors, converges in a fifth of it (20 epochs at 10³, 10⁴ and 10⁵
+#: simulations, the floor of 20 at 10⁵): on gaussian_linear the MAF trained for 25 epochs at 10³, 20
+#: or 30 at 10⁴ and 12 at 10⁵ scored C2ST 0.544, 0.513 or 0.511 and 0.504, against 0.542, 0.512 and
+#: 0.502 with the whole schedule (at 10³ and 10⁴ early stopping ended it after 67 epochs); at 10⁴
+#: its validation loss was within 0.003 nats of its best by epoch 12. A quarter (25 epochs at 10³
+#: and 10⁴) against a fifth, same banks and observations (``/tmp/bench24b``, ``/tmp/bench24m*``):
+#: C2ST 0.541 / 0.542 and 0.511 / 0.512, training 2.4-3.0 / 2.1-2.5 s and 5.3-6.7 / 4.8-4.9 s.
+FLOW_STEP_SHARE = {"maf": 0.2}
 
 
 #: what ``estimator="auto"`` trains and chooses between by validation loss: the spline flow fits
