@@ -1,8 +1,9 @@
 """sbipipe's NSF and MAF (``sbipipe/autoregressive.py``) against zuko's own, with the same weights and
 inputs: CPU time of a training step (512 rows, AdamW) and of drawing 10⁴ samples for one context.
 
-The flows are the engine's defaults (5 transforms, two hidden layers of 64, coupling passes), at the
-sizes of the benchmark tasks (parameters D, observation features C). Rounds interleave the two
+The flows are the engine's defaults (5 transforms, two hidden layers of 64, coupling passes; the NSF
+with ReLU units, the MAF with tanh units: torch's ``nn.Tanh`` in zuko's, ``sbipipe.activations.Tanh``
+in ours), at the sizes of the benchmark tasks (parameters D, observation features C). Rounds interleave the two
 implementations, so a busy machine slows both alike; the best and the median round are printed.
 
     python benchmarks/flow_speed.py [--rounds 20] [--threads 2]
@@ -18,10 +19,13 @@ from collections.abc import Callable
 import torch
 import zuko
 
+from sbipipe.activations import Tanh
 from sbipipe.autoregressive import MAF, NSF
 
 SIZES = {"two_moons": (2, 2), "slcp": (5, 8), "gaussian_linear": (10, 10)}
 FLOWS = {"nsf": (zuko.flows.NSF, NSF), "maf": (zuko.flows.MAF, MAF)}
+#: the hidden units of each flow (zuko's, ours), as the engine's estimator defaults
+ACTIVATIONS = {"nsf": (torch.nn.ReLU, torch.nn.ReLU), "maf": (torch.nn.Tanh, Tanh)}
 
 
 def step_timer(flow: torch.nn.Module, theta: torch.Tensor, x: torch.Tensor, steps: int = 50) -> Callable[[], float]:
@@ -61,8 +65,9 @@ def main() -> None:
         for task, (d, c) in SIZES.items():
             kw = {"transforms": 5, "hidden_features": (64, 64), "passes": 2}
             torch.manual_seed(0)  # the same weights in every run
-            ours = ours_cls(d, c, **kw)
-            theirs = theirs_cls(d, c, **kw)
+            theirs_act, ours_act = ACTIVATIONS[name]
+            ours = ours_cls(d, c, activation=ours_act, **kw)
+            theirs = theirs_cls(d, c, activation=theirs_act, **kw)
             theirs.load_state_dict(ours.state_dict())
             g = torch.Generator().manual_seed(0)
             theta, x = torch.randn(512, d, generator=g), torch.randn(512, c, generator=g)
