@@ -152,6 +152,7 @@ def pilot_epochs(n_train: int, batch_size: int) -> int:
     """The epochs of ``auto``'s pilot: those that hold :data:`PILOT_STEPS` optimiser steps (at least one)."""
     return max(1, math.ceil(PILOT_STEPS / math.ceil(n_train / batch_size)))
 
+
 #: the lead in held-out nats that the MAF needs over the NSF after the pilot. The affine MAF learns
 #: the Gaussian part of a posterior faster, so it can lead early where the NSF ends far better: on
 #: two_moons at 10³ simulations, with its mirror symmetry folded (one crescent to learn), the MAF once

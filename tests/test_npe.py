@@ -12,7 +12,7 @@ import torch
 from sbipipe import SbipipeError, estimators
 from sbipipe.bank import simulate_bank
 from sbipipe.estimators import FlowPosterior, SupportMap
-from sbipipe.npe import default_batch_size, pilot_epochs, train_posterior
+from sbipipe.npe import FLOW_SCHEDULE, default_batch_size, pilot_epochs, train_posterior
 from sbipipe.posterior import load_posterior
 from sbipipe.store import CARD, WEIGHTS
 
@@ -122,7 +122,7 @@ def test_the_auto_pilot_is_counted_in_optimiser_steps():
     # the flows' batches (~16 an epoch, 64-512 rows): 75 steps are 5 epochs at 10³ and 10⁴
     # simulations (15 and 18 steps an epoch) and one at 10⁵ (176)
     for n_train, epochs in ((900, 5), (9000, 5), (90_000, 1), (45_000, 1), (200, 19)):
-        assert pilot_epochs(n_train, default_batch_size(n_train, 16)) == epochs, n_train
+        assert pilot_epochs(n_train, default_batch_size(n_train, FLOW_SCHEDULE[0])) == epochs, n_train
 
 
 def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
