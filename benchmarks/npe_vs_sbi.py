@@ -37,7 +37,7 @@ makes its own validation split, ours use the bank's split). Metrics:
   which a machine busy with other work distorts less. With ``--timing-repeats R`` every method of
   a task and budget is trained again, in turns (ours, sbi, ours, sbi, ...), until it has R timed
   runs, and its training time is their median (all runs in ``train_runs``): the same training
-  moves by 1.2-1.3 × between runs on a shared VM. The one-off import of torch's compiler that
+  moved by up to 1.5 × between runs on this shared VM. The one-off import of torch's compiler that
   a process's first optimiser triggers (1.3 s) is done before any timing;
 * time to draw 10⁴ samples for one observation (best of 11 after 3 warm-up calls: on a shared VM a
   best of 3 read 54 ms where the same model's best of 11 read 35), in a process that keeps freed
@@ -310,7 +310,6 @@ def run_one(results: Results, workdir: Path, task: str, budget: int, method: str
     entry = results.entry(task, budget, method)
     if method in OPTIONS and entry.get("seed", 0) != seed:
         entry.pop("train_s", None)  # trained with another seed: retrain
-        entry.pop("train_runs", None)
     entry["seed"] = seed
     if entry.get("sample_seed") != SAMPLE_SEED:
         # C2STs cached under the old protocol (seed j for posterior draws) are only wrong where the
