@@ -9,7 +9,7 @@ import h5py
 import pytest
 import torch
 
-from sbipipe import SbipipeError, estimators
+from sbipipe import SbipipeError, estimators, npe
 from sbipipe.bank import simulate_bank
 from sbipipe.estimators import FlowPosterior, SupportMap
 from sbipipe.npe import FLOW_SCHEDULE, default_batch_size, pilot_epochs, train_posterior
@@ -390,35 +390,58 @@ def test_truncated_member_draws_for_k_steps_at_once_and_afresh_each_epoch(monkey
     assert "_pool" not in member.__dict__
 
 
-def test_auto_chooses_the_flow_of_a_truncated_model_by_mapped_pilots(tmp_path):
-    """``auto`` with ``support="truncate"`` pilots the candidate flows mapped (a truncated pilot's
-    density hinges on the mass it has yet put outside the box), then trains the kept flow truncated
-    from its first epoch."""
+def test_auto_pilots_a_truncated_nsf_as_it_trains_and_the_other_flows_mapped(tmp_path):
+    """``auto`` with ``support="truncate"`` pilots the NSF truncated, as it trains (its held-out
+    −log q is an upper bound of its −log q_T), and the MAF mapped (a truncated pilot's density
+    hinges on the mass it has yet put outside the box). The NSF, which wins here even so, goes on
+    from its pilot: the model is the one ``estimator="nsf"`` trains, and an interrupted run resumes."""
     import pandas as pd
+    from safetensors.torch import load_file
 
     bank = simulate_bank("two_moons", tmp_path / "tm.h5", 2000, seed=3).path
     tags = []
     post = train_posterior(bank, tmp_path / "m", support="truncate", max_epochs=7, seed=0,
                            progress=lambda k, row: tags.append((k, row["epoch"])))
     selection = post.card["training"]["selection"]
-    flow = post.card["architecture"]["estimator"]
-    assert list(selection["val_loss"]) == ["nsf", "maf"] and selection["chosen"] == f"{flow}/truncate"
+    assert list(selection["val_loss"]) == ["nsf/truncate", "maf"] and selection["chosen"] == "nsf/truncate"
+    assert selection["val_loss"]["nsf/truncate"] <= selection["val_loss"]["maf"] + npe.AUTO_MARGIN
     assert post.card["architecture"]["support"] == "truncate" and post.truncated
-    assert tags[10:] == [(f"{flow}/truncate", e) for e in range(1, 8)]
+    assert tags == [*(("nsf/truncate", e) for e in range(1, 6)), *(("maf", e) for e in range(1, 6)),
+                    ("nsf/truncate", 6), ("nsf/truncate", 7)]
     assert len(pd.read_csv(tmp_path / "m" / "history.csv")) == 7
-    # interrupted after the pilots, it resumes the truncated member, not the mapped pilot
-    calls = []
+    alone = train_posterior(bank, tmp_path / "nsf", estimator="nsf", support="truncate", max_epochs=7, seed=0)
+    weights = load_file(str(tmp_path / "m" / WEIGHTS))
+    assert all(torch.equal(t, load_file(str(tmp_path / "nsf" / WEIGHTS))[k]) for k, t in weights.items())
+    assert alone.card["training"]["final"] == post.card["training"]["final"]
+    # interrupted during the pilots or after them, it resumes where it stopped
+    for stop in [("maf", 3), ("nsf/truncate", 6)]:
+        calls = []
 
-    def interrupt(k, row):
-        calls.append((k, row["epoch"]))
-        if (k, row["epoch"]) == (f"{flow}/truncate", 3):
-            raise KeyboardInterrupt
+        def interrupt(k, row):
+            calls.append((k, row["epoch"]))
+            if (k, row["epoch"]) == stop:
+                raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train_posterior(bank, tmp_path / "r", support="truncate", max_epochs=7, seed=0, progress=interrupt)
-    resumed = train_posterior(bank, tmp_path / "r", support="truncate", max_epochs=7, seed=0, resume=True,
-                              progress=lambda k, row: calls.append((k, row["epoch"])))
-    assert calls == tags and resumed.card["training"]["selection"] == selection
-    theta = torch.rand(20, 2) * 2 - 1
-    assert torch.allclose(resumed.log_prob(theta, torch.tensor([0.1, 0.2]), normalize=False),
-                          post.log_prob(theta, torch.tensor([0.1, 0.2]), normalize=False), atol=1e-4)
+        out = tmp_path / f"r_{stop[1]}"
+        with pytest.raises(KeyboardInterrupt):
+            train_posterior(bank, out, support="truncate", max_epochs=7, seed=0, progress=interrupt)
+        resumed = train_posterior(bank, out, support="truncate", max_epochs=7, seed=0, resume=True,
+                                  progress=lambda k, row: calls.append((k, row["epoch"])))
+        assert calls == tags and resumed.card["training"]["selection"] == selection
+        assert all(torch.equal(t, load_file(str(out / WEIGHTS))[k]) for k, t in weights.items())
+
+
+def test_auto_judges_a_beaten_truncated_nsf_mapped(tmp_path, monkeypatch):
+    """Where the truncated NSF's pilot loses (forced here by a negative margin), its −log q was only an
+    upper bound, so it is piloted mapped too and judged as the MAF is; the kept flow then trains
+    truncated from its first epoch (the MAF's pilot was mapped)."""
+    monkeypatch.setattr(npe, "AUTO_MARGIN", -100.0)
+    bank = simulate_bank("two_moons", tmp_path / "tm.h5", 2000, seed=3).path
+    tags = []
+    post = train_posterior(bank, tmp_path / "m", support="truncate", max_epochs=7, seed=0,
+                           progress=lambda k, row: tags.append((k, row["epoch"])))
+    selection = post.card["training"]["selection"]
+    assert list(selection["val_loss"]) == ["nsf/truncate", "maf", "nsf"] and selection["chosen"] == "maf/truncate"
+    assert tags == [*((k, e) for k in ("nsf/truncate", "maf", "nsf") for e in range(1, 6)),
+                    *(("maf/truncate", e) for e in range(1, 8))]
+    assert post.card["architecture"]["estimator"] == "maf" and post.truncated
