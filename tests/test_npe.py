@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import h5py
 import pytest
@@ -125,6 +126,17 @@ def test_the_auto_pilot_is_counted_in_optimiser_steps():
         assert pilot_epochs(n_train, default_batch_size(n_train, FLOW_SCHEDULE[0])) == epochs, n_train
 
 
+def interrupted_at(stop: tuple[str, int], calls: list) -> Any:
+    """A progress callback that records each (member, epoch) in ``calls`` and interrupts at ``stop``."""
+
+    def progress(member: str, row: dict) -> None:
+        calls.append((member, row["epoch"]))
+        if (member, row["epoch"]) == stop:
+            raise KeyboardInterrupt
+
+    return progress
+
+
 def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
     bank = simulate_bank("two_moons", tmp_path / "tm.h5", 3000, seed=1).path
     out = tmp_path / "m"
@@ -148,15 +160,9 @@ def test_samples_never_leave_a_bounded_prior_and_resume_continues(tmp_path):
     x = torch.tensor([0.1, 0.2])
     for stop in [("nsf", 2), (kept, 8)]:  # during the pilot, and after it
         calls = []
-
-        def interrupt(member, row):
-            calls.append((member, row["epoch"]))
-            if (member, row["epoch"]) == stop:
-                raise KeyboardInterrupt
-
         out = tmp_path / f"r_{stop[0]}_{stop[1]}"
         with pytest.raises(KeyboardInterrupt):
-            train_posterior(bank, out, max_epochs=12, seed=0, support="map", progress=interrupt)
+            train_posterior(bank, out, max_epochs=12, seed=0, support="map", progress=interrupted_at(stop, calls))
         resumed = []
         post = train_posterior(bank, out, max_epochs=12, seed=0, support="map", resume=True,
                                progress=lambda k, row: resumed.append((k, row["epoch"])))
@@ -416,15 +422,9 @@ def test_auto_pilots_a_truncated_nsf_as_it_trains_and_the_other_flows_mapped(tmp
     # interrupted during the pilots or after them, it resumes where it stopped
     for stop in [("maf", 3), ("nsf/truncate", 6)]:
         calls = []
-
-        def interrupt(k, row):
-            calls.append((k, row["epoch"]))
-            if (k, row["epoch"]) == stop:
-                raise KeyboardInterrupt
-
         out = tmp_path / f"r_{stop[1]}"
         with pytest.raises(KeyboardInterrupt):
-            train_posterior(bank, out, support="truncate", max_epochs=7, seed=0, progress=interrupt)
+            train_posterior(bank, out, support="truncate", max_epochs=7, seed=0, progress=interrupted_at(stop, calls))
         resumed = train_posterior(bank, out, support="truncate", max_epochs=7, seed=0, resume=True,
                                   progress=lambda k, row: calls.append((k, row["epoch"])))
         assert calls == tags and resumed.card["training"]["selection"] == selection
