@@ -190,8 +190,9 @@ def train_posterior(
     and mapped too where it is truncated and that pilot loses) and keeps the one with the lowest
     held-out negative log density of θ (an estimate of the expected KL divergence up to a
     constant), trains it on from its pilot (afresh where that was mapped and the model is
-    truncated) and the other ensemble members as it; the card records every pilot's loss. ``support`` says how θ meets a bounded prior: ``"map"`` into its
-    box, or ``"truncate"`` the real line to it (:data:`sbipipe.posterior.SUPPORTS`); by default, for the
+    truncated) and the other ensemble members as it; the card records every pilot's loss.
+    ``support`` says how θ meets a bounded prior: ``"map"`` into its box, or ``"truncate"`` the
+    real line to it (:data:`sbipipe.posterior.SUPPORTS`); by default, for the
     flows, the simulator's ``support`` attribute if it has one, else the map (README, "Bounded
     priors", says why). ``augment`` shuffles the order of the observation's
     exchangeable draws in every training batch (:func:`shuffle_draws`); by default it is on when the
@@ -365,9 +366,9 @@ def train_posterior(
         losses = {own: judge(own), **{c: judge(c) for c in others}}
         rival = min(losses[c] for c in others) + AUTO_MARGIN
         if losses[own] > rival and own != first:
-            losses[first] = judge(first)
-        mine = own if losses[own] <= rival else first
-        kept = mine if losses[mine] <= rival else min(others, key=losses.__getitem__)
+            own = first
+            losses[own] = judge(own)
+        kept = own if losses[own] <= rival else min(others, key=losses.__getitem__)
         chosen = (kept[0], mode)  # goes on from its pilot, unless that was mapped and the model is truncated
         card["training"]["selection"] = {
             "rule": f"lowest held-out negative log density of θ of member 0 after {pilot} epochs, the "
