@@ -162,6 +162,7 @@ def pilot_epochs(n_train: int, batch_size: int) -> int:
 #: C2ST 0.528 where sbi's MAF scores 0.507; the MAF kept with this margin scores ~0.50 (``/tmp/bench20``).
 AUTO_MARGIN = 0.05
 
+
 def train_posterior(
     bank_path: str | os.PathLike,
     output: str | os.PathLike,
