@@ -417,7 +417,8 @@ def test_auto_pilots_a_truncated_nsf_as_it_trains_and_the_other_flows_mapped(tmp
     assert len(pd.read_csv(tmp_path / "m" / "history.csv")) == 7
     alone = train_posterior(bank, tmp_path / "nsf", estimator="nsf", support="truncate", max_epochs=7, seed=0)
     weights = load_file(str(tmp_path / "m" / WEIGHTS))
-    assert all(torch.equal(t, load_file(str(tmp_path / "nsf" / WEIGHTS))[k]) for k, t in weights.items())
+    nsf_weights = load_file(str(tmp_path / "nsf" / WEIGHTS))
+    assert all(torch.equal(t, nsf_weights[k]) for k, t in weights.items())
     assert alone.card["training"]["final"] == post.card["training"]["final"]
     # interrupted during the pilots or after them, it resumes where it stopped
     for stop in [("maf", 3), ("nsf/truncate", 6)]:
@@ -428,7 +429,8 @@ def test_auto_pilots_a_truncated_nsf_as_it_trains_and_the_other_flows_mapped(tmp
         resumed = train_posterior(bank, out, support="truncate", max_epochs=7, seed=0, resume=True,
                                   progress=lambda k, row: calls.append((k, row["epoch"])))
         assert calls == tags and resumed.card["training"]["selection"] == selection
-        assert all(torch.equal(t, load_file(str(out / WEIGHTS))[k]) for k, t in weights.items())
+        resumed_weights = load_file(str(out / WEIGHTS))
+        assert all(torch.equal(t, resumed_weights[k]) for k, t in weights.items())
 
 
 def test_auto_judges_a_beaten_truncated_nsf_mapped(tmp_path, monkeypatch):
